@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +58,11 @@ class CEMA(Adapter):
     filter statistics, while the counters keep running.
 
     ``foundation`` (required): the stronger cloud model, same inputs and classes as the edge.
+
+    The two halves are separate objects so they can run on different machines (the edge
+    demo, :mod:`fedsim.edge`): :class:`CemaEdgeFilter` (edge: which samples to upload) and
+    :class:`CemaCloud` (cloud: buffers, foundation, distillation). This adapter wires them
+    in one process; the order of operations is the same in both.
     """
 
     name = "cema"
@@ -112,58 +118,20 @@ class CEMA(Adapter):
         self.edge_bn = edge_bn
         self.seed = int(seed)
         super().__init__(model)
-        # cloud side: a copy of the edge model (student) and the foundation (teacher)
-        self.student = copy.deepcopy(self.model)
-        self._student_params = list(norm_affine_parameters(self.student))
-        for p in self._student_params:
-            p.requires_grad_(True)
-        self.foundation = self._prepare_foundation(copy.deepcopy(foundation))
-        self._foundation_params = [p for p in self.foundation.parameters() if p.requires_grad]
-        if not self._student_params or not self._foundation_params:
-            raise ValueError("cema: edge and foundation models need normalization affine parameters")
-        self._cloud_source = (copy.deepcopy(self.student.state_dict()), copy.deepcopy(self.foundation.state_dict()))
-        self._sync_bytes = 4 * sum(p.numel() for p in self._student_params)
+        self.filter = CemaEdgeFilter({k: getattr(self, k) for k in CemaEdgeFilter.SETTINGS})
+        self.cloud = CemaCloud(self, self.model, foundation)
         self.samples_uploaded = 0
         self.bytes_up = 0
-        self.bytes_down = 0
-        self.cloud_steps = 0
-        self._clear_state()
 
     # ------------------------------------------------------------------ preparation
     def prepare(self, model: nn.Module) -> nn.Module:
         model = super().prepare(model)
-        if self.edge_bn == "batch":
-            replace_modules(model, is_batchnorm, lambda bn: MixedStatBatchNorm(bn, a=1.0))
-        return model
-
-    def _prepare_foundation(self, model: nn.Module) -> nn.Module:
-        model.eval()
-        model.requires_grad_(False)
-        replace_modules(model, is_batchnorm, lambda bn: MixedStatBatchNorm(bn, a=1.0))
-        for p in norm_affine_parameters(model):
-            p.requires_grad_(True)
-        return model.to(self.device)
-
-    def _clear_state(self) -> None:
-        self.opt_foundation = torch.optim.Adam(self._foundation_params, lr=self.lr_foundation)
-        self.opt_student = torch.optim.Adam(self._student_params, lr=self.lr_edge)
-        self.rng = np.random.default_rng(self.seed)
-        self.p_mean: torch.Tensor | None = None
-        self.seen = 0  # since the last reset
-        self.h_sum = 0.0
-        self.warm_count = 0
-        self.warm_h_sum = 0.0
-        self._e_max: float | None = None
-        self._pending: list[torch.Tensor] = []  # uint8 [C, H, W]
-        self._store: torch.Tensor | None = None  # uint8 [buffer_size, C, H, W], FIFO ring
-        self._stored = 0
-        self._next = 0
+        return prepare_edge_model(model, self.edge_bn)
 
     def reset(self) -> None:
         super().reset()
-        self.student.load_state_dict(self._cloud_source[0])
-        self.foundation.load_state_dict(self._cloud_source[1])
-        self._clear_state()
+        self.cloud.reset()
+        self.filter.clear()
 
     # ------------------------------------------------------------------ edge
     def e0(self, num_classes: int) -> float:
@@ -172,112 +140,52 @@ class CEMA(Adapter):
 
     def entropy_threshold(self) -> float | None:
         """E_max used for the last filtered batch (None before any)."""
-        return self._e_max
+        return self.filter.e_max
 
-    @torch.no_grad()
+    @property
+    def p_mean(self) -> torch.Tensor | None:
+        return self.filter.p_mean
+
     def upload_mask(self, logits: torch.Tensor) -> torch.Tensor:
         """Select the samples of a batch to upload and update the filter state (E_max
         statistics, p_mean). Returns a bool mask [B]."""
-        probs = torch.softmax(logits.float(), dim=1)
-        h = entropy(logits.float())
-        b, num_classes = probs.shape
-        if self.upload_all:
-            return torch.ones(b, dtype=torch.bool, device=logits.device)
-        e0 = self.e0(num_classes)
-        in_warmup = self.warm_count < self.warmup_samples
-        self.seen += b
-        self.h_sum += float(h.sum())
-        if in_warmup:
-            self.warm_count += b
-            self.warm_h_sum += float(h.sum())
-            e_max = e0
-        else:
-            mean_all = self.h_sum / self.seen
-            mean_warm = self.warm_h_sum / max(self.warm_count, 1)
-            e_max = e0 * self.lam * mean_all / max(mean_warm, 1e-12)
-        self._e_max = e_max
-        mask = (h < e_max) & (h > self.e_min)
-        if self.p_mean is not None:
-            cos = F.cosine_similarity(probs, self.p_mean.unsqueeze(0), dim=1)
-            mask &= cos.abs() < self.redundancy_margin
-        if mask.any():
-            chosen = probs[mask].mean(dim=0)
-            if self.p_mean is None:
-                self.p_mean = chosen
-            else:
-                self.p_mean = self.p_mean_momentum * self.p_mean + (1 - self.p_mean_momentum) * chosen
-        return mask
+        return self.filter.select(logits)
 
     def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             logits = self.model(x)
-        mask = self.upload_mask(logits)
-        if mask.any():
-            images = torch.round(x[mask].clamp(0, 1) * 255).to(torch.uint8).cpu()
+        images = self.filter.uploads(x, self.upload_mask(logits))
+        if images is not None:
             self.samples_uploaded += int(images.shape[0])
             self.bytes_up += int(images.numel())
-            self._pending.extend(images.unbind(0))
-        while len(self._pending) >= self.cloud_batch:
-            batch = torch.stack(self._pending[: self.cloud_batch])
-            del self._pending[: self.cloud_batch]
-            self._cloud_step(batch)
+            if self.cloud.receive(images):
+                copy_affine(self.model, self.cloud.edge_affine())
         return logits
 
-    # ------------------------------------------------------------------ cloud
-    def _replay(self, count: int) -> torch.Tensor | None:
-        if self._store is None or self._stored < self.replay_start or count == 0:
-            return None
-        idx = self.rng.choice(self._stored, size=min(count, self._stored), replace=False)
-        return self._store[torch.from_numpy(idx)]
+    # ------------------------------------------------------------------ cloud (delegated)
+    @property
+    def student(self) -> nn.Module:
+        return self.cloud.student
 
-    def _store_samples(self, images: torch.Tensor) -> None:
-        if self._store is None:
-            self._store = torch.empty((self.buffer_size, *images.shape[1:]), dtype=torch.uint8)
-        for img in images:
-            self._store[self._next] = img
-            self._next = (self._next + 1) % self.buffer_size
-            self._stored = min(self._stored + 1, self.buffer_size)
+    @property
+    def foundation(self) -> nn.Module:
+        return self.cloud.foundation
 
-    def _cloud_step(self, new: torch.Tensor) -> None:
-        """One cloud round on ``cloud_batch`` new uint8 samples (see class docstring)."""
-        device = self.device
-        x_new = new.to(device).float() / 255.0
-        with torch.enable_grad():
-            logits_f = self.foundation(x_new)
-            e0 = self.e0(logits_f.shape[1])
-            h_f = entropy(logits_f)
-            loss_f = (torch.exp(e0 - h_f).detach() * h_f).mean()
-            self.opt_foundation.zero_grad(set_to_none=True)
-            loss_f.backward()
-            self.opt_foundation.step()
-        replay = self._replay(self.replay_size)
-        self._store_samples(new)
-        x_all = x_new if replay is None else torch.cat([x_new, replay.to(device).float() / 255.0])
-        with torch.no_grad():
-            teacher = self.foundation(x_all)
-        t = self.temperature
-        with torch.enable_grad():
-            for _ in range(self.distill_steps):
-                student = self.student(x_all)
-                h_s = entropy(student)
-                ent = (torch.exp(e0 - h_s).detach() * h_s).mean()
-                kl = F.kl_div(
-                    F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean", log_target=True
-                )
-                ce = F.cross_entropy(student, teacher.argmax(dim=1))
-                loss = self.w_ent * ent + self.w_kl * t * t * kl + self.w_ce * ce
-                self.opt_student.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt_student.step()
-        self._send_to_edge()
-        self.cloud_steps += 1
+    @property
+    def cloud_steps(self) -> int:
+        return self.cloud.steps
 
-    @torch.no_grad()
-    def _send_to_edge(self) -> None:
-        edge = list(norm_affine_parameters(self.model))
-        for dst, src in zip(edge, self._student_params, strict=True):
-            dst.copy_(src)
-        self.bytes_down += self._sync_bytes
+    @property
+    def bytes_down(self) -> int:
+        return self.cloud.bytes_down
+
+    @property
+    def _pending(self) -> list[torch.Tensor]:
+        return self.cloud.pending
+
+    @property
+    def _stored(self) -> int:
+        return self.cloud.stored
 
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
@@ -290,3 +198,215 @@ class CEMA(Adapter):
             cloud_steps=float(self.cloud_steps),
         )
         return out
+
+
+def prepare_edge_model(model: nn.Module, edge_bn: str) -> nn.Module:
+    """The edge's forward-only model: BN on test-batch statistics (``edge_bn='batch'``) or
+    on its running statistics (``'source'``)."""
+    if edge_bn == "batch":
+        replace_modules(model, is_batchnorm, lambda bn: MixedStatBatchNorm(bn, a=1.0))
+    return model
+
+
+@torch.no_grad()
+def copy_affine(model: nn.Module, params: list[torch.Tensor]) -> None:
+    """Write normalization affine parameters (in :func:`norm_affine_parameters` order)."""
+    for dst, src in zip(norm_affine_parameters(model), params, strict=True):
+        dst.copy_(src)
+
+
+class CemaEdgeFilter:
+    """CEMA's edge side: the entropy and redundancy filters (see :class:`CEMA`).
+
+    Its whole state is a few scalars and ``p_mean``; :meth:`state` / :meth:`load_state`
+    carry it between the messages of a deployed edge.
+    """
+
+    SETTINGS = ("upload_all", "e0_ratio", "e_min", "lam", "warmup_samples", "redundancy_margin", "p_mean_momentum")
+    SCALARS = ("seen", "h_sum", "warm_count", "warm_h_sum")
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.upload_all = bool(settings["upload_all"])
+        self.e0_ratio = float(settings["e0_ratio"])
+        self.e_min = float(settings["e_min"])
+        self.lam = float(settings["lam"])
+        self.warmup_samples = int(settings["warmup_samples"])
+        self.redundancy_margin = float(settings["redundancy_margin"])
+        self.p_mean_momentum = float(settings["p_mean_momentum"])
+        self.clear()
+
+    def clear(self) -> None:
+        self.p_mean: torch.Tensor | None = None
+        self.seen = 0  # since the last reset
+        self.h_sum = 0.0
+        self.warm_count = 0
+        self.warm_h_sum = 0.0
+        self.e_max: float | None = None
+
+    @torch.no_grad()
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """Bool mask [B] of the samples to upload; updates E_max statistics and p_mean."""
+        s = self
+        probs = torch.softmax(logits.float(), dim=1)
+        h = entropy(logits.float())
+        b, num_classes = probs.shape
+        if s.upload_all:
+            return torch.ones(b, dtype=torch.bool, device=logits.device)
+        e0 = s.e0_ratio * math.log(num_classes)
+        in_warmup = self.warm_count < s.warmup_samples
+        self.seen += b
+        self.h_sum += float(h.sum())
+        if in_warmup:
+            self.warm_count += b
+            self.warm_h_sum += float(h.sum())
+            e_max = e0
+        else:
+            mean_all = self.h_sum / self.seen
+            mean_warm = self.warm_h_sum / max(self.warm_count, 1)
+            e_max = e0 * s.lam * mean_all / max(mean_warm, 1e-12)
+        self.e_max = e_max
+        mask = (h < e_max) & (h > s.e_min)
+        if self.p_mean is not None:
+            cos = F.cosine_similarity(probs, self.p_mean.unsqueeze(0), dim=1)
+            mask &= cos.abs() < s.redundancy_margin
+        if mask.any():
+            chosen = probs[mask].mean(dim=0)
+            if self.p_mean is None:
+                self.p_mean = chosen
+            else:
+                self.p_mean = s.p_mean_momentum * self.p_mean + (1 - s.p_mean_momentum) * chosen
+        return mask
+
+    @staticmethod
+    def uploads(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The selected images as uint8 [n, C, H, W] (C*H*W bytes each), or None."""
+        if not mask.any():
+            return None
+        return torch.round(x[mask].clamp(0, 1) * 255).to(torch.uint8).cpu()
+
+    def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k) for k in self.SCALARS}
+        out["e_max"] = self.e_max
+        out["p_mean"] = None if self.p_mean is None else self.p_mean.detach().cpu().numpy()
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.seen, self.warm_count = int(state["seen"]), int(state["warm_count"])
+        self.h_sum, self.warm_h_sum = float(state["h_sum"]), float(state["warm_h_sum"])
+        self.e_max = None if state.get("e_max") is None else float(state["e_max"])
+        p = state.get("p_mean")
+        self.p_mean = None if p is None else torch.as_tensor(p)
+
+
+class CemaCloud:
+    """CEMA's cloud side for one edge: upload buffer, replay store, foundation model and
+    the student copy of the edge model it distills into (see :class:`CEMA`)."""
+
+    def __init__(self, settings: CEMA, edge_model: nn.Module, foundation: nn.Module) -> None:
+        self.s = settings
+        self.student = copy.deepcopy(edge_model)
+        self._student_params = list(norm_affine_parameters(self.student))
+        for p in self._student_params:
+            p.requires_grad_(True)
+        self.device = next(iter(self._student_params)).device if self._student_params else torch.device("cpu")
+        self.foundation = self._prepare_foundation(copy.deepcopy(foundation))
+        self._foundation_params = [p for p in self.foundation.parameters() if p.requires_grad]
+        if not self._student_params or not self._foundation_params:
+            raise ValueError("cema: edge and foundation models need normalization affine parameters")
+        self._source = (copy.deepcopy(self.student.state_dict()), copy.deepcopy(self.foundation.state_dict()))
+        self.sync_bytes = 4 * sum(p.numel() for p in self._student_params)
+        self.steps = 0
+        self.bytes_down = 0
+        self._clear()
+
+    def _prepare_foundation(self, model: nn.Module) -> nn.Module:
+        model.eval()
+        model.requires_grad_(False)
+        replace_modules(model, is_batchnorm, lambda bn: MixedStatBatchNorm(bn, a=1.0))
+        for p in norm_affine_parameters(model):
+            p.requires_grad_(True)
+        return model.to(self.device)
+
+    def _clear(self) -> None:
+        s = self.s
+        self.opt_foundation = torch.optim.Adam(self._foundation_params, lr=s.lr_foundation)
+        self.opt_student = torch.optim.Adam(self._student_params, lr=s.lr_edge)
+        self.rng = np.random.default_rng(s.seed)
+        self.pending: list[torch.Tensor] = []  # uint8 [C, H, W]
+        self._store: torch.Tensor | None = None  # uint8 [buffer_size, C, H, W], FIFO ring
+        self.stored = 0
+        self._next = 0
+
+    def reset(self) -> None:
+        """Back to the source student and foundation; buffers cleared, counters kept."""
+        self.student.load_state_dict(self._source[0])
+        self.foundation.load_state_dict(self._source[1])
+        self._clear()
+
+    def needed(self) -> int:
+        """Samples still missing before the next cloud round."""
+        return self.s.cloud_batch - len(self.pending)
+
+    def receive(self, images: torch.Tensor) -> bool:
+        """Buffer uploaded uint8 images [n, C, H, W]; run a cloud round per full
+        ``cloud_batch``. Returns whether the edge's affine parameters changed."""
+        self.pending.extend(images.unbind(0))
+        stepped = False
+        while len(self.pending) >= self.s.cloud_batch:
+            batch = torch.stack(self.pending[: self.s.cloud_batch])
+            del self.pending[: self.s.cloud_batch]
+            self._step(batch)
+            self.bytes_down += self.sync_bytes  # sent after every round, as in the paper
+            stepped = True
+        return stepped
+
+    def edge_affine(self) -> list[torch.Tensor]:
+        """The parameters sent to the edge (float32, ``sync_bytes`` per round)."""
+        return [p.detach() for p in self._student_params]
+
+    def _replay(self, count: int) -> torch.Tensor | None:
+        if self._store is None or self.stored < self.s.replay_start or count == 0:
+            return None
+        idx = self.rng.choice(self.stored, size=min(count, self.stored), replace=False)
+        return self._store[torch.from_numpy(idx)]
+
+    def _store_samples(self, images: torch.Tensor) -> None:
+        if self._store is None:
+            self._store = torch.empty((self.s.buffer_size, *images.shape[1:]), dtype=torch.uint8)
+        for img in images:
+            self._store[self._next] = img
+            self._next = (self._next + 1) % self.s.buffer_size
+            self.stored = min(self.stored + 1, self.s.buffer_size)
+
+    def _step(self, new: torch.Tensor) -> None:
+        """One cloud round on ``cloud_batch`` new uint8 samples (see :class:`CEMA`)."""
+        s, device = self.s, self.device
+        x_new = new.to(device).float() / 255.0
+        with torch.enable_grad():
+            logits_f = self.foundation(x_new)
+            e0 = s.e0(logits_f.shape[1])
+            h_f = entropy(logits_f)
+            loss_f = (torch.exp(e0 - h_f).detach() * h_f).mean()
+            self.opt_foundation.zero_grad(set_to_none=True)
+            loss_f.backward()
+            self.opt_foundation.step()
+        replay = self._replay(s.replay_size)
+        self._store_samples(new)
+        x_all = x_new if replay is None else torch.cat([x_new, replay.to(device).float() / 255.0])
+        with torch.no_grad():
+            teacher = self.foundation(x_all)
+        t = s.temperature
+        with torch.enable_grad():
+            for _ in range(s.distill_steps):
+                student = self.student(x_all)
+                h_s = entropy(student)
+                ent = (torch.exp(e0 - h_s).detach() * h_s).mean()
+                kl = F.kl_div(
+                    F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean", log_target=True
+                )
+                ce = F.cross_entropy(student, teacher.argmax(dim=1))
+                loss = s.w_ent * ent + s.w_kl * t * t * kl + s.w_ce * ce
+                self.opt_student.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt_student.step()
+        self.steps += 1

@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsim.tta.command import add_parser as add_adapt_parser
 
     add_adapt_parser(sub)  # fedsim adapt
+    from fedsim.edge.command import add_parser as add_edge_parser
+
+    add_edge_parser(sub)  # fedsim edge demo | up | certs
 
     sub.add_parser("list", help="registered strategies, adapters, datasets, models").set_defaults(func=cmd_list)
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedsim.edge.config import EdgeConfig
 from fedsim.tta.config import AdaptationConfig
 
 
@@ -126,6 +127,7 @@ class Scenario(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     faults: FaultConfig = Field(default_factory=FaultConfig)
     adaptation: AdaptationConfig | None = Field(None, description="test-time adaptation after training (docs/tta.md)")
+    edge: EdgeConfig | None = Field(None, description="the edge demo on Flower's deployment runtime (docs/edge.md)")
 
     @field_validator("runtime", mode="before")
     @classmethod

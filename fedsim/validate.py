@@ -104,3 +104,23 @@ def check_scenario(scenario: Scenario, source: str) -> None:
         from fedsim.tta.experiment import check_adaptation
 
         check_adaptation(scenario, scenario.adaptation, source)
+    if scenario.edge is not None:
+        check_edge(scenario, source)
+
+
+def check_edge(scenario: Scenario, source: str) -> None:
+    """Device assignments name existing clients and profiles; TLS files exist."""
+    edge = scenario.edge
+    assert edge is not None
+    n = scenario.num_clients
+    for cid, profile in edge.devices.items():
+        if cid < 0 or cid >= n:
+            _fail(source, f"edge.devices.{cid}", f"client {cid} does not exist (the run has clients 0..{n - 1})")
+        if profile not in edge.profiles:
+            _fail(source, f"edge.devices.{cid}", f"no profile '{profile}' in edge.profiles (profiles: {', '.join(edge.profiles)})")
+    if edge.tls is not None:
+        base = Path(source).parent
+        for key in ("ca", "cert", "key"):
+            path = base / getattr(edge.tls, key)
+            if not path.is_file():
+                _fail(source, f"edge.tls.{key}", f"file not found: {path} (make them with: fedsim edge certs DIR)")

@@ -247,7 +247,7 @@ def test_cifar10c_streams_read_the_files(tmp_path: Path) -> None:
             "adaptation": {"adapter": "tbn", "stream": {"shifts": ["fog@2", "gaussian_noise@4", "fog@5"], "batch_size": 8}},
         }
     )
-    stream = edge_stream(scenario, scenario.adaptation, "gaussian_noise", seed=3)
+    stream = edge_stream(scenario, scenario.adaptation, 0, "gaussian_noise", seed=3)
     assert stream.record()["source"] == "corrupted_source"
     seen: dict[str, set[int]] = {}
     for batch in stream:

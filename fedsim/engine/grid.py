@@ -111,15 +111,16 @@ class PartitionGrid(Grid):
     _to_node: dict[int, int] = field(default_factory=dict)
     _to_partition: dict[int, int] = field(default_factory=dict)
 
-    def discover(self, expected: int, wait_s: float = 120.0) -> None:
-        """Ask every node for its partition id (one tiny query round)."""
+    def discover(self, expected: int, wait_s: float = 120.0, config: dict[str, str] | None = None) -> None:
+        """Ask every node for its partition id (one tiny query round). ``config`` goes to
+        every node with the question (a deployed SuperNode learns its scenario from it)."""
         from flwr.app import ConfigRecord
 
         deadline = time.time() + wait_s
         while len(list(self.inner.get_node_ids())) < expected and time.time() < deadline:
             time.sleep(0.2)
         nodes = sorted(self.inner.get_node_ids())
-        msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=HELLO) for n in nodes]
+        msgs = [Message(RecordDict({"config": ConfigRecord(dict(config or {}))}), dst_node_id=n, message_type=HELLO) for n in nodes]
         for reply in self.inner.send_and_receive(msgs, timeout=wait_s):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")

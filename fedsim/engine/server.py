@@ -140,6 +140,8 @@ class FederatedRun:
         self.on_round = on_round
         self.num_clients = scenario.num_clients
         self.records: list[dict[str, Any]] = []
+        self.hello_config: dict[str, str] = {}  # sent with the discovery query
+        self.grid: PartitionGrid | None = None  # the clients, once discovered
 
     def server_app(self) -> ServerApp:
         app = ServerApp()
@@ -154,7 +156,8 @@ class FederatedRun:
     def drive(self, grid: Grid) -> None:
         sc = self.scenario
         pgrid = PartitionGrid(grid, timeout_s=sc.faults.client_timeout_s)
-        pgrid.discover(self.num_clients)
+        pgrid.discover(self.num_clients, config=self.hello_config)
+        self.grid = pgrid
         strategy = build_strategy(sc)
         start, arrays, totals = 1, numpy_to_record(initial_arrays(sc)), Totals()
         if self.resume:

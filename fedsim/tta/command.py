@@ -75,7 +75,16 @@ def adapt_after_run(run: Any, scenario: Any, source: str, console: Any) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     console.print(f"[b]adaptation[/b]: {', '.join(s.display for s in scenario.adaptation.adapter_specs())} on each edge's stream")
-    return _run_phase(model_run, scenario.adaptation, run.path, scenario.name, source, console)
+    code = _run_phase(model_run, scenario.adaptation, run.path, scenario.name, source, console)
+    if code == EXIT_OK and scenario.edge is not None:  # the same device estimates as the edge demo
+        import json
+
+        from fedsim.edge.profiles import write_device_report
+        from fedsim.tta.experiment import SUMMARY
+
+        summary = json.loads((Path(run.path) / SUMMARY).read_text())
+        console.print(f"device-profile estimates: {write_device_report(run.path, scenario, run.read_metrics(), summary)}")
+    return code
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:

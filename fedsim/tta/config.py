@@ -177,6 +177,26 @@ class StreamConfig(_Section):
         return [f"{c}@{s}" for c in self.corruptions or [] for s in self.severities]
 
 
+def _merged_stream(base: StreamConfig, override: dict[str, Any], prefix: str = "") -> StreamConfig:
+    """``base`` with ``override``'s keys; giving shifts drops the base's corruptions and
+    severities and vice versa (they are alternatives). Errors name ``prefix + key``."""
+    from pydantic import ValidationError
+
+    raw = base.model_dump()
+    if "shifts" in override:
+        raw.pop("corruptions", None)
+        raw.pop("severities", None)
+    if "corruptions" in override:
+        raw.pop("shifts", None)
+    raw.update(override)
+    try:
+        return StreamConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"{prefix}{loc}: {err['msg']}") from None
+
+
 class FoundationConfig(_Section):
     """CEMA's cloud foundation model: trained centrally on the pooled train data of the
     run's clients (all training domains), seeded, cached in the model run's folder
@@ -207,6 +227,7 @@ class AdaptationConfig(_Section):
     adapter: AdapterSpec | None = None
     adapters: list[AdapterSpec] | None = Field(None, validate_default=True)
     stream: StreamConfig
+    edge_streams: dict[int, dict[str, Any]] = Field(default_factory=dict, description="client id -> stream keys that differ for that edge")
     edges: Literal["all"] | list[int] = "all"
     model: Literal["auto", "global", "personalized"] = "auto"
     reset: Literal["auto", "each-shift", "never"] = "auto"
@@ -254,6 +275,24 @@ class AdaptationConfig(_Section):
         if dup:
             raise ValueError(f"labels must be distinct; give 'label' to tell apart {', '.join(dup)}")
         return value
+
+    @field_validator("edge_streams")
+    @classmethod
+    def _edge_streams(cls, value: dict[int, dict[str, Any]], info: ValidationInfo) -> dict[int, dict[str, Any]]:
+        base = info.data.get("stream")
+        for edge, override in value.items():
+            if edge < 0:
+                raise ValueError(f"client ids must be >= 0 (got {edge})")
+            if "seeds" in override:
+                raise ValueError(f"{edge}.seeds: the seeds are shared by every edge (set stream.seeds)")
+            if base is not None:
+                _merged_stream(base, override, prefix=f"{edge}.")
+        return value
+
+    def stream_for(self, edge: int) -> StreamConfig:
+        """The stream settings of edge ``edge``: ``stream`` with its ``edge_streams`` keys."""
+        override = self.edge_streams.get(int(edge))
+        return self.stream if not override else _merged_stream(self.stream, override)
 
     def adapter_specs(self) -> list[AdapterSpec]:
         return [self.adapter] if self.adapter is not None else list(self.adapters or [])

@@ -101,30 +101,46 @@ def deploy_model(model_run: ModelRun, client_id: int, which: str = "auto") -> tu
     """
     if which not in ("auto", "global", "personalized"):
         raise ValueError(f"unknown deployment '{which}'")
-    model = _build(model_run.scenario)
     ckpt = model_run.checkpoint
-    _load_into(model, ckpt.arrays, f"{model_run.path}: checkpoint round {ckpt.round}")
-    info: dict[str, Any] = {"client": int(client_id), "checkpoint_round": ckpt.round, "deployed": "global"}
+    local, rnd = (None, None) if which == "global" else local_state(model_run, client_id)
+    return deploy_arrays(model_run.scenario, ckpt.arrays, local, rnd, client_id, which, ckpt.round, str(model_run.path))
+
+
+def deploy_arrays(
+    scenario: Scenario,
+    global_arrays: dict[str, np.ndarray],
+    local: dict[str, np.ndarray] | None,
+    local_round: int | None,
+    client_id: int,
+    which: str,
+    checkpoint_round: int,
+    where: str,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the deployed model from the global arrays and the client's local state (if
+    any and ``which`` is not ``global``); ``where`` names the source in errors. Shared by
+    the simulation (:func:`deploy_model`) and a deployed edge, which has its own state."""
+    model = _build(scenario)
+    _load_into(model, global_arrays, f"{where}: checkpoint round {checkpoint_round}")
+    info: dict[str, Any] = {"client": int(client_id), "checkpoint_round": checkpoint_round, "deployed": "global"}
     if which != "global":
-        local, rnd = local_state(model_run, client_id)
         if local is None:
             if which == "personalized":
                 raise ModelRunError(
-                    f"adaptation.model: personalized, but client {client_id} of {model_run.path} has no local state "
-                    f"(strategy {model_run.scenario.strategy.name} keeps none, or the client never trained); use global"
+                    f"adaptation.model: personalized, but client {client_id} of {where} has no local state "
+                    f"(strategy {scenario.strategy.name} keeps none, or the client never trained); use global"
                 )
         else:
             sd = model.state_dict()
             unknown = [k for k in local if k not in sd]
             if unknown:
-                raise ModelRunError(f"{model_run.path}: client {client_id} local state has unknown keys {unknown[:3]}")
+                raise ModelRunError(f"{where}: client {client_id} local state has unknown keys {unknown[:3]}")
             with torch.no_grad():
                 for k, v in local.items():
                     src = torch.from_numpy(np.ascontiguousarray(v))
                     if src.numel() != sd[k].numel():
-                        raise ModelRunError(f"{model_run.path}: client {client_id} local '{k}' has shape {tuple(src.shape)}, the model {tuple(sd[k].shape)}")
+                        raise ModelRunError(f"{where}: client {client_id} local '{k}' has shape {tuple(src.shape)}, the model {tuple(sd[k].shape)}")
                     sd[k].copy_(src.reshape(sd[k].shape).to(sd[k].dtype))
-            info.update(deployed="personalized", local_round=rnd, local_keys=len(local))
+            info.update(deployed="personalized", local_round=local_round, local_keys=len(local))
     model.eval()
     return model, info
 

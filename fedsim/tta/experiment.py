@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -74,7 +74,11 @@ def check_adaptation(scenario: Scenario, cfg: AdaptationConfig, source: str) -> 
     from fedsim.tta.corruptions import CORRUPTIONS
 
     trained = load_dataset(scenario.data)
-    for name in cfg.stream.shift_names():
+    names = {name: None for e in edge_ids(cfg, n) for name in cfg.stream_for(e).shift_names()}
+    for e in cfg.edge_streams:
+        if e >= n:
+            _fail(source, f"adaptation.edge_streams.{e}", f"client {e} does not exist (the run has clients 0..{n - 1})")
+    for name in names:
         if name == CLEAN or name.partition("@")[0] in CORRUPTIONS:
             continue
         if name not in trained.domains:
@@ -111,14 +115,16 @@ def _cifar10c_source(scenario: Scenario) -> Callable[[str, int], tuple[Any, np.n
     return read
 
 
-def edge_stream(scenario: Scenario, cfg: AdaptationConfig, domain: str, seed: int) -> TestStream:
-    """The stream of an edge whose data is ``domain``: shifts of that domain's global test set."""
+def edge_stream(scenario: Scenario, cfg: AdaptationConfig, edge: int, domain: str, seed: int) -> TestStream:
+    """The stream of edge ``edge`` whose data is ``domain``: shifts of that domain's global
+    test set, as ``cfg.stream_for(edge)`` describes them."""
     from fedsim.data.loading import load_dataset
     from fedsim.tta.corruptions import CORRUPTIONS
 
     ds = load_dataset(scenario.data)
     split = ds.domains[domain]
-    names = cfg.stream.shift_names()
+    st = cfg.stream_for(edge)
+    names = st.shift_names()
     domains: dict[str, tuple[Any, np.ndarray]] = {}
     for name in names:
         if name == CLEAN:
@@ -127,7 +133,6 @@ def edge_stream(scenario: Scenario, cfg: AdaptationConfig, domain: str, seed: in
             src = ds if name in ds.domains else _full_dataset(scenario)
             domains[name] = (src.domains[name].x_test, np.asarray(src.domains[name].y_test))
     corrupted = _cifar10c_source(scenario) if scenario.data.dataset == "cifar10c" else None
-    st = cfg.stream
     return build_stream(
         names,
         images=split.x_test,
@@ -188,6 +193,60 @@ def _mean(values: list[float]) -> float:
 
 def _std(values: list[float]) -> float:
     return float(np.std(values)) if len(values) > 1 else 0.0
+
+
+class StreamPlayer(Protocol):
+    """Plays every edge's stream of one seed through each adapter and yields
+    ``(spec, edge, result, adapter description)``; ``result.stream`` is the stream record."""
+
+    def play(self, seed: int, edges: list[int], specs: list[AdapterSpec]) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]: ...
+
+
+def stream_record(cfg: AdaptationConfig, stream: TestStream, edge: int, domain: str, seed: int) -> tuple[dict[str, Any], bool]:
+    """The stream's record as results keep it, and whether the adapter resets between shifts."""
+    reset = reset_on_new_shift(cfg, stream)
+    record = stream.record()
+    record.update(edge=edge, domain=domain, base_seed=seed, reset_policy=cfg.reset, reset_on_new_shift=reset)
+    return record, reset
+
+
+def play_stream(spec: AdapterSpec, model: torch.nn.Module, played: Any, reset: bool, record: dict[str, Any], sseed: int, foundation: torch.nn.Module | None, source: str) -> tuple[StreamResult, dict[str, Any]]:
+    """One adapter built around ``model`` and run online over a (materialized) stream."""
+    from adapters import build_adapter
+
+    try:
+        adapter = build_adapter(spec.name, model, **_adapter_args(spec, sseed, foundation))
+    except (TypeError, ValueError) as exc:
+        _fail(source, "adaptation.adapter", f"{spec.display}: {str(exc).splitlines()[0]}")
+    res = run_stream(adapter, played, reset, record_metrics=True)
+    res.adapter = spec.display
+    res.stream = record
+    return res, adapter.describe()
+
+
+class InProcessPlayer:
+    """Every edge in this process: its stream is generated once and replayed per adapter."""
+
+    def __init__(self, scenario: Scenario, cfg: AdaptationConfig, models: dict[int, torch.nn.Module], foundation: torch.nn.Module | None, source: str) -> None:
+        from fedsim.data.loading import load_dataset, partitions
+
+        self.scenario, self.cfg, self.models, self.foundation, self.source = scenario, cfg, models, foundation, source
+        self.ds = load_dataset(scenario.data)
+        self.parts = partitions(scenario.data, scenario.seed)
+
+    def play(self, seed: int, edges: list[int], specs: list[AdapterSpec]) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]:
+        for e in edges:
+            domain = self.parts[e].domain
+            sseed = stream_seed(seed, e)
+            try:
+                stream = edge_stream(self.scenario, self.cfg, e, domain, sseed)
+            except ValueError as exc:
+                _fail(self.source, "adaptation.stream", str(exc).splitlines()[0])
+            record, reset = stream_record(self.cfg, stream, e, domain, seed)
+            played = _materialize(stream, self.ds.channels, self.ds.image_size)
+            for spec in specs:
+                res, description = play_stream(spec, self.models[e], played, reset, record, sseed, self.foundation, self.source)
+                yield spec, e, res, description
 
 
 def summarize_results(results: dict[str, dict[int, dict[int, StreamResult]]], cfg: AdaptationConfig) -> dict[str, Any]:
@@ -251,12 +310,14 @@ def run_adaptation(
     name: str = "adaptation",
     source: str = "scenario",
     log: Callable[[str], None] | None = None,
+    player: Callable[[dict[int, torch.nn.Module], torch.nn.Module | None], StreamPlayer] | None = None,
 ) -> dict[str, Any]:
     """Adapt each edge's deployed model on its stream(s); write the files listed in the
     module docstring into ``out`` and return the summary. Bad settings raise
-    :class:`ScenarioError` (``source: adaptation.key: message``)."""
-    from adapters import build_adapter
-    from fedsim.data.loading import load_dataset, partitions
+    :class:`ScenarioError` (``source: adaptation.key: message``). ``player`` builds what
+    plays the streams from the deployed models and the foundation (default: this process;
+    the edge demo plays them on SuperNodes)."""
+    from fedsim.data.loading import partitions
     from fedsim.engine.client import resolve_device
 
     t0 = time.perf_counter()
@@ -266,7 +327,6 @@ def run_adaptation(
     check_adaptation(scenario, cfg, source)
     say = log or (lambda _msg: None)
     device = resolve_device(cfg.device or scenario.device)
-    ds = load_dataset(scenario.data)
     parts = partitions(scenario.data, scenario.seed)
     edges = edge_ids(cfg, scenario.num_clients)
     specs = cfg.adapter_specs()
@@ -283,6 +343,7 @@ def run_adaptation(
         info["domain"] = parts[e].domain
         models[e] = model.to(device)
         deployed[str(e)] = info
+    streams_player = player(models, foundation) if player else InProcessPlayer(scenario, cfg, models, foundation, source)
 
     results: dict[str, dict[int, dict[int, StreamResult]]] = {s.display: {} for s in specs}
     streams: dict[str, dict[str, Any]] = {}
@@ -290,35 +351,19 @@ def run_adaptation(
     jsonl = out / JSONL
     with open(jsonl, "w") as fh:
         for seed in cfg.stream.seeds:
-            for e in edges:
+            for spec, e, res, description in streams_player.play(seed, edges, specs):
+                described.setdefault(spec.display, description)
+                streams[f"edge{e}/seed{seed}"] = res.stream
+                results[spec.display].setdefault(e, {})[seed] = res
                 sseed = stream_seed(seed, e)
-                try:
-                    stream = edge_stream(scenario, cfg, parts[e].domain, sseed)
-                except ValueError as exc:
-                    _fail(source, "adaptation.stream", str(exc).splitlines()[0])
-                reset = reset_on_new_shift(cfg, stream)
-                record = stream.record()
-                record.update(edge=e, domain=parts[e].domain, base_seed=seed, reset_policy=cfg.reset, reset_on_new_shift=reset)
-                streams[f"edge{e}/seed{seed}"] = record
-                played = _materialize(stream, ds.channels, ds.image_size)
-                for spec in specs:
-                    try:
-                        adapter = build_adapter(spec.name, models[e], **_adapter_args(spec, sseed, foundation))
-                    except (TypeError, ValueError) as exc:
-                        _fail(source, "adaptation.adapter", f"{spec.display}: {str(exc).splitlines()[0]}")
-                    described.setdefault(spec.display, adapter.describe())
-                    res = run_stream(adapter, played, reset, record_metrics=True)
-                    res.adapter = spec.display
-                    res.stream = record
-                    results[spec.display].setdefault(e, {})[seed] = res
-                    for row in res.to_records():
-                        row.update(edge=e, domain=parts[e].domain, seed=seed, stream_seed=sseed, batch=row.pop("index"))
-                        fh.write(json.dumps(row) + "\n")
-                    fh.flush()
-                    extra = ""
-                    if "upload_fraction" in res.metrics:
-                        extra = f"  upload {res.metrics['upload_fraction']:.3f}"
-                    say(f"{spec.display:>16}  edge {e} ({parts[e].domain})  seed {seed}  online error {1 - res.accuracy:.4f}  {res.summary()['seconds_per_batch'] * 1e3:.1f} ms/batch{extra}")
+                for row in res.to_records():
+                    row.update(edge=e, domain=parts[e].domain, seed=seed, stream_seed=sseed, batch=row.pop("index"))
+                    fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                extra = ""
+                if "upload_fraction" in res.metrics:
+                    extra = f"  upload {res.metrics['upload_fraction']:.3f}"
+                say(f"{spec.display:>16}  edge {e} ({parts[e].domain})  seed {seed}  online error {1 - res.accuracy:.4f}  {res.summary()['seconds_per_batch'] * 1e3:.1f} ms/batch{extra}")
 
     summary: dict[str, Any] = {
         "name": name,

@@ -1,0 +1,1 @@
+"""Edge demo: fedsim on Flower's deployment runtime (SuperLink, SuperNodes, ``flwr run``)."""

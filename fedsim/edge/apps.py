@@ -1,0 +1,154 @@
+"""fedsim's ServerApp and ClientApp as Flower's deployment runtime loads them.
+
+``pyproject.toml`` declares them (``[tool.flwr.app.components]``), so ``flwr run`` ships
+them to a SuperLink; ``fedsim edge demo`` does exactly that against SuperNodes it starts.
+
+- The ServerApp (the cloud) reads the run config (``scenario``: the scenario file,
+  ``run-dir``: the run folder), trains with the scenario's strategy through the same
+  :class:`~fedsim.engine.server.FederatedRun` as a simulation, then plays the adaptation
+  phase on the edges (:class:`~fedsim.edge.protocol.EdgePlayer`) and writes the same run
+  folder as ``fedsim run``, plus ``edge/progress.jsonl`` (live view) and
+  ``edge/devices.json`` (device-profile estimates).
+- The ClientApp (an edge) learns the scenario from the discovery query and keeps it in the
+  SuperNode's ``Context.state``; it runs the simulation's ClientRuntime for training and
+  evaluation, and :mod:`fedsim.edge.protocol` for adaptation. Its node config gives
+  ``partition-id``, ``num-partitions`` and ``state-dir`` (where the device keeps its
+  client state; the demo points it at the run folder so the folder matches a simulation's).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+SCENARIO_KEY = "fedsim.scenario"
+PROGRESS = "progress.jsonl"
+
+client_app = ClientApp()
+server_app = ServerApp()
+
+
+# -- edge ------------------------------------------------------------------------------------
+def _runtime(context: Context) -> Any:
+    from fedsim.engine.client import client_runtime
+
+    record = context.state.config_records.get("fedsim")
+    if record is None:
+        raise RuntimeError("this SuperNode has not been told its scenario (no discovery query from a fedsim ServerApp)")
+    state_dir = str(context.node_config.get("state-dir", "")) or None
+    return client_runtime(str(record["scenario"]), state_dir)
+
+
+@client_app.query()
+def hello(msg: Message, context: Context) -> Message:
+    config = msg.content["config"] if "config" in msg.content else {}
+    if SCENARIO_KEY in config:
+        context.state["fedsim"] = ConfigRecord({"scenario": str(config[SCENARIO_KEY])})
+    return _runtime(context).hello(msg, context)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _runtime(context).train(msg, context)
+
+
+@client_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _runtime(context).evaluate(msg, context)
+
+
+@client_app.query("adapt")
+def adapt(msg: Message, context: Context) -> Message:
+    from fedsim.edge.protocol import edge_adapt
+
+    return edge_adapt(_runtime(context), msg, context)
+
+
+@client_app.query("cema")
+def cema(msg: Message, context: Context) -> Message:
+    from fedsim.edge.protocol import edge_cema
+
+    return edge_cema(_runtime(context), msg, context)
+
+
+# -- cloud -----------------------------------------------------------------------------------
+class ProgressLog:
+    """``edge/progress.jsonl``: one JSON line per event, read by the live view."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "edge" / PROGRESS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, event: str, **data: Any) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"event": event, "time": time.time(), **data}) + "\n")
+
+
+def _open_run(run_config: dict[str, Any]) -> tuple[Any, Any, bool]:
+    """The run folder named by the run config: reused if it already holds this scenario
+    (the demo creates it first), else created from the scenario file."""
+    from fedsim.config import load_scenario
+    from fedsim.results import RunFolder
+
+    scenario_file = str(run_config.get("scenario", ""))
+    run_dir = Path(str(run_config.get("run-dir", "")) or f"runs/{Path(scenario_file).stem}-flwr").resolve()
+    if (run_dir / "scenario.yaml").is_file():
+        run, scenario = RunFolder.open(run_dir)
+        return run, scenario, bool(run.read_metrics()) or run.checkpoints.exists()
+    scenario = load_scenario(scenario_file)
+    return RunFolder.create(run_dir, scenario, overwrite=False), scenario, False
+
+
+def run_cloud(grid: Grid, run_config: dict[str, Any]) -> Path:
+    """Everything the cloud does in one run: train, adapt on the edges, write results."""
+    import torch
+
+    from fedsim.edge.profiles import write_device_report
+    from fedsim.edge.protocol import EdgePlayer
+    from fedsim.engine.server import FederatedRun
+    from fedsim.results import plot_accuracy, summarize
+    from fedsim.tta.deploy import open_model_run
+    from fedsim.tta.experiment import run_adaptation
+
+    run, scenario, resume = _open_run(run_config)
+    torch.set_num_threads(scenario.runtime.num_threads)
+    progress = ProgressLog(run.path)
+    progress.write("start", rounds=scenario.rounds, clients=scenario.num_clients, resume=resume)
+    t0 = time.perf_counter()
+    try:
+        experiment = FederatedRun(scenario, run, resume=resume, on_round=lambda r: progress.write("round", record=r))
+        experiment.hello_config = {SCENARIO_KEY: scenario.model_dump_json()}
+        experiment.drive(grid)
+        records = run.read_metrics()
+        run.write_summary(summarize(records, scenario, time.perf_counter() - t0))
+        plot_accuracy(records, run.plot_file, f"{scenario.name} ({scenario.strategy.name}, Flower deployment runtime)")
+        summary = None
+        if scenario.adaptation is not None:
+            model_run = open_model_run(run.path)
+            cfg = scenario.adaptation
+            assert experiment.grid is not None
+            pgrid = experiment.grid
+            progress.write("adapt", adapters=[s.display for s in cfg.adapter_specs()])
+            summary = run_adaptation(
+                model_run, cfg, run.path, name=scenario.name, source=str(run.scenario_file),
+                log=lambda m: progress.write("log", message=m),
+                player=lambda models, foundation: EdgePlayer(pgrid, model_run, cfg, models, foundation, lambda u: progress.write("edge", **u)),
+            )
+        write_device_report(run.path, scenario, records, summary)
+    except BaseException as exc:
+        progress.write("failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        raise
+    progress.write("done", wall_s=time.perf_counter() - t0)
+    return run.path
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_cloud(grid, dict(context.run_config))

@@ -1,0 +1,300 @@
+"""``fedsim edge demo | up | certs``: fedsim on Flower's deployment runtime, on this machine.
+
+- ``demo SCENARIO``: start a SuperLink and one SuperNode per client (loopback), submit the
+  app with ``flwr run``, show a live view, stop every process, print the results. The run
+  folder is the one ``fedsim run`` writes, plus ``edge/`` (logs, progress, device estimates).
+- ``up SCENARIO``: start the SuperLink and SuperNodes and wait (Ctrl-C stops them); prints
+  the ``flwr run`` command that submits fedsim (or any Flower app) to them.
+- ``certs DIR``: self-signed certificates for ``edge.tls``.
+
+Exit codes as in :mod:`fedsim.cli`: 0 done, 1 failed or interrupted, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+APP_PYPROJECT = """[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedsim-edge"
+version = "{version}"
+description = "fedsim's ServerApp (cloud) and ClientApp (edge) for Flower's deployment runtime"
+license = "Apache-2.0"
+dependencies = ["flwr"]
+
+[tool.flwr.app]
+publisher = "fedsim"
+
+[tool.flwr.app.components]
+serverapp = "fedsim.edge.apps:server_app"
+clientapp = "fedsim.edge.apps:client_app"
+
+[tool.flwr.app.config]
+scenario = ""
+run-dir = ""
+"""
+
+
+def write_app(folder: Path) -> Path:
+    """A minimal Flower app folder whose components are fedsim's installed apps."""
+    from fedsim import __version__
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__))
+    return folder
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    raise _Interrupted()
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Scenario (TLS paths made absolute) and its edge section."""
+    from fedsim.config import load_scenario
+    from fedsim.edge.config import EdgeConfig
+
+    scenario = load_scenario(args.scenario, list(args.overrides))
+    edge = scenario.edge or EdgeConfig()
+    if edge.tls is not None:
+        base = Path(args.scenario).resolve().parent
+        edge.tls.ca, edge.tls.cert, edge.tls.key = (str((base / p).resolve()) for p in (edge.tls.ca, edge.tls.cert, edge.tls.key))
+        scenario = scenario.model_copy(update={"edge": edge})
+    return scenario, edge
+
+
+def _deployment(run_dir: Path, scenario: Any, edge: Any) -> Any:
+    from fedsim.edge.processes import LocalDeployment, TLSFiles
+
+    tls = TLSFiles(Path(edge.tls.ca), Path(edge.tls.cert), Path(edge.tls.key)) if edge.tls else None
+    return LocalDeployment(workdir=run_dir / "edge", num_nodes=scenario.num_clients, state_dir=run_dir, host=edge.host, port=edge.port, tls=tls)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedsim.config import ScenarioError
+    from fedsim.edge.apps import PROGRESS
+    from fedsim.edge.config import EdgeConfig
+    from fedsim.edge.dashboard import ProgressReader
+    from fedsim.edge.processes import DeploymentError
+    from fedsim.results import RunFolder
+
+    console = Console()
+    try:
+        if args.resume:
+            run, scenario = RunFolder.open(args.resume)
+            edge = scenario.edge or EdgeConfig()
+        else:
+            if not args.scenario:
+                raise ScenarioError("fedsim edge demo: give a scenario file or --resume RUN_FOLDER")
+            scenario, edge = _load(args)
+            out = Path(args.out) if args.out else Path("runs") / f"{scenario.name}-edge"
+            run = RunFolder.create(out, scenario, overwrite=args.overwrite)
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run_dir = run.path.resolve()
+    for stale in ("progress.jsonl",):
+        (run_dir / "edge" / stale).unlink(missing_ok=True)
+    app = write_app(run_dir / "edge" / "app")
+    deployment = _deployment(run_dir, scenario, edge)
+    security = "TLS (" + Path(edge.tls.ca).name + ")" if edge.tls else "insecure loopback (no TLS)"
+    console.print(f"[b]{scenario.name}[/b]: SuperLink on {deployment.address} ({security}), {scenario.num_clients} SuperNodes -> {run_dir}")
+    reader = ProgressReader(run_dir / "edge" / PROGRESS)
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    t0 = time.perf_counter()
+    code, message = EXIT_OK, ""
+    try:
+        deployment.start(edge.startup_timeout_s)
+        run_id = deployment.submit(app, {"scenario": str(run_dir / "scenario.yaml"), "run-dir": str(run_dir)})
+        console.print(f"submitted with flwr run: run id {run_id} (logs: {deployment.logs})")
+        code, message = _follow(console, reader, deployment, run_id, edge, scenario.name, args.live, edge.run_timeout_s)
+    except DeploymentError as exc:
+        code, message = EXIT_FAILURE, f"error: {exc}"
+    except (KeyboardInterrupt, _Interrupted):
+        code, message = EXIT_FAILURE, f"interrupted; every process stopped (continue with: fedsim edge demo --resume {run_dir})"
+    finally:
+        stragglers = deployment.stop()
+        signal.signal(signal.SIGTERM, old)
+    if stragglers:
+        console.print(f"stopped {len(stragglers)} leftover process(es) by token")
+    if code != EXIT_OK:
+        print(message, file=sys.stderr)
+        return code
+    _print_results(console, run_dir)
+    console.print(f"done in {time.perf_counter() - t0:.1f}s; results in {run_dir} (fedsim report {run_dir})")
+    return EXIT_OK
+
+
+def _follow(console: Any, reader: Any, deployment: Any, run_id: int, edge: Any, title: str, live: bool, timeout_s: float) -> tuple[int, str]:
+    """Show progress until the cloud reports done/failed, a process dies, Flower says the
+    run ended without a report, or ``timeout_s`` passes."""
+    from rich.live import Live
+
+    from fedsim.edge.dashboard import render
+    from fedsim.edge.processes import DeploymentError
+
+    deadline = time.time() + timeout_s
+    next_status = time.time() + 5
+    view = Live(render(reader.state, edge, title), console=console, refresh_per_second=4, transient=False) if live else None
+    try:
+        if view:
+            view.start()
+        while not reader.finished:
+            events = reader.poll()
+            if view:
+                view.update(render(reader.state, edge, title))
+            else:
+                for ev in events:
+                    _print_event(console, ev)
+            if reader.finished:
+                break
+            deployment.check_alive()
+            if time.time() > deadline:
+                raise DeploymentError(f"run {run_id} did not finish within edge.run_timeout_s={timeout_s:.0f}s")
+            if time.time() > next_status:
+                next_status = time.time() + 5
+                status = deployment.run_status(run_id)
+                if status.startswith("finished"):
+                    reader.poll()
+                    if not reader.finished:
+                        logs = deployment.flwr("log", str(run_id), "fedsim-edge", "--show", timeout_s=30).stdout.strip().splitlines()[-3:]
+                        raise DeploymentError(f"Flower reports run {run_id} {status} without a result: {' | '.join(logs)[:300]}")
+            time.sleep(0.25)
+    finally:
+        if view:
+            view.update(render(reader.state, edge, title))
+            view.stop()
+    if reader.state["phase"] == "failed":
+        return EXIT_FAILURE, f"error: the cloud (ServerApp) failed: {reader.state.get('error')}"
+    return EXIT_OK, ""
+
+
+def _print_event(console: Any, ev: dict[str, Any]) -> None:
+    kind = ev["event"]
+    if kind == "round":
+        r = ev["record"]
+        acc = r.get("accuracy")
+        console.print(f"round {r['round']}: accuracy {acc:.4f}" if acc is not None else f"round {r['round']}")
+    elif kind == "edge" and ev.get("done"):
+        acc = ev["correct"] / ev["samples"] if ev["samples"] else 0.0
+        console.print(f"edge {ev['edge']} {ev['adapter']} seed {ev['seed']}: online accuracy {acc:.4f} over {ev['samples']} samples")
+    elif kind == "failed":
+        console.print(f"[red]failed: {ev.get('error')}[/red]")
+
+
+def _print_results(console: Any, run_dir: Path) -> None:
+    from rich.table import Table
+
+    from fedsim.results import RunFolder
+    from fedsim.tta.experiment import SUMMARY, print_table
+
+    run, scenario = RunFolder.open(run_dir)
+    records = run.read_metrics()
+    if records:
+        last = records[-1]
+        console.print(f"training: round {last['round']}, accuracy {last['accuracy']:.4f}, MB up {last['bytes_up_total'] / 1e6:.2f}, MB down {last['bytes_down_total'] / 1e6:.2f}")
+    if (run_dir / SUMMARY).is_file():
+        print_table(console, json.loads((run_dir / SUMMARY).read_text()), title=f"{scenario.name} on Flower's deployment runtime: online error")
+    devices = run_dir / "edge" / "devices.json"
+    if devices.is_file():
+        report = json.loads(devices.read_text())
+        table = Table(title="device-profile estimates (whole stream; see docs/edge.md)")
+        for col in ("edge", "device", "adapter", "online acc", "ms/batch", "energy J", "MB up", "MB down", "memory MB", "fits"):
+            table.add_column(col, justify="left" if col in ("device", "adapter") else "right")
+        for r in report["rows"]:
+            table.add_row(str(r["edge"]), r["profile"], r["adapter"], f"{r['accuracy']:.4f}", f"{r['latency_ms_per_batch']:.1f}", f"{r['energy_j']:.2f}", f"{r['bytes_up'] / 1e6:.3f}", f"{r['bytes_down'] / 1e6:.3f}", f"{r['memory_mb']:.1f}", "yes" if r["fits_memory"] else "[red]no[/red]")
+        console.print(table)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedsim.config import ScenarioError
+    from fedsim.edge.processes import DeploymentError
+
+    console = Console()
+    try:
+        scenario, edge = _load(args)
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    workdir = Path(args.out or Path("runs") / f"{scenario.name}-deployment").resolve()
+    deployment = _deployment(workdir, scenario, edge)
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        deployment.start(edge.startup_timeout_s)
+        run_dir = workdir / "run"
+        console.print(f"SuperLink on {deployment.address} with {scenario.num_clients} SuperNodes; Ctrl-C stops them all.")
+        console.print("Submit fedsim's app from the repository root with Flower's CLI:")
+        console.print(
+            f"  FLWR_HOME={deployment.flwr_home} flwr run . fedsim-edge --stream "
+            f"--run-config 'scenario=\"{Path(args.scenario).resolve()}\" run-dir=\"{run_dir}\"'",
+            highlight=False, soft_wrap=True,
+        )
+        while True:
+            deployment.check_alive()
+            time.sleep(1)
+    except DeploymentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (KeyboardInterrupt, _Interrupted):
+        console.print("stopping")
+        return EXIT_OK
+    finally:
+        deployment.stop()
+        signal.signal(signal.SIGTERM, old)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedsim.edge.certs import make_certificates
+
+    out = Path(args.dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        print(f"error: {out}: folder is not empty; pass --overwrite to replace its certificates", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    paths = make_certificates(out, days=args.days)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"use them in a scenario:\n  edge:\n    tls: {{ca: {paths['ca']}, cert: {paths['cert']}, key: {paths['key']}}}")
+    return EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("edge", help="the edge demo on Flower's deployment runtime (SuperLink + SuperNodes)")
+    esub = p.add_subparsers(dest="edge_command", required=True)
+    d = esub.add_parser("demo", help="start SuperLink + SuperNodes, run the scenario with flwr run, live view, stop all")
+    d.add_argument("scenario", nargs="?", help="scenario YAML")
+    d.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    d.add_argument("--out", help="run folder (default runs/<name>-edge)")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    d.add_argument("--resume", metavar="RUN_FOLDER", help="continue an interrupted demo from its last checkpoint")
+    d.add_argument("--no-live", dest="live", action="store_false", help="print progress lines instead of the live view")
+    d.set_defaults(func=cmd_demo)
+    u = esub.add_parser("up", help="start SuperLink + SuperNodes for a scenario and wait (Ctrl-C stops)")
+    u.add_argument("scenario")
+    u.add_argument("overrides", nargs="*")
+    u.add_argument("--out", help="working folder (default runs/<name>-deployment)")
+    u.set_defaults(func=cmd_up)
+    c = esub.add_parser("certs", help="self-signed CA and server certificate for edge.tls")
+    c.add_argument("dir")
+    c.add_argument("--days", type=int, default=30)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_certs)
+
+
+__all__ = ["add_parser", "write_app"]
