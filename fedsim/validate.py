@@ -6,6 +6,7 @@ Each failure raises ScenarioError with ``file: dotted.key: message``.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 from fedsim.config import Scenario, ScenarioError
 from fedsim.registry import RegistryError

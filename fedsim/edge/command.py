@@ -77,11 +77,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return scenario, edge
 
 
-def _deployment(run_dir: Path, scenario: Any, edge: Any) -> Any:
+def _deployment(workdir: Path, state_dir: Path, scenario: Any, edge: Any) -> Any:
+    """Processes' files under ``workdir``; SuperNodes keep client state in ``state_dir``
+    (the run folder, so it matches a simulation's)."""
     from fedsim.edge.processes import LocalDeployment, TLSFiles
 
     tls = TLSFiles(Path(edge.tls.ca), Path(edge.tls.cert), Path(edge.tls.key)) if edge.tls else None
-    return LocalDeployment(workdir=run_dir / "edge", num_nodes=scenario.num_clients, state_dir=run_dir, host=edge.host, port=edge.port, tls=tls)
+    return LocalDeployment(workdir=workdir, num_nodes=scenario.num_clients, state_dir=state_dir, host=edge.host, port=edge.port, tls=tls)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -112,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for stale in ("progress.jsonl",):
         (run_dir / "edge" / stale).unlink(missing_ok=True)
     app = write_app(run_dir / "edge" / "app")
-    deployment = _deployment(run_dir, scenario, edge)
+    deployment = _deployment(run_dir / "edge", run_dir, scenario, edge)
     security = "TLS (" + Path(edge.tls.ca).name + ")" if edge.tls else "insecure loopback (no TLS)"
     console.print(f"[b]{scenario.name}[/b]: SuperLink on {deployment.address} ({security}), {scenario.num_clients} SuperNodes -> {run_dir}")
     reader = ProgressReader(run_dir / "edge" / PROGRESS)
@@ -212,8 +214,8 @@ def _print_results(console: Any, run_dir: Path) -> None:
     if (run_dir / SUMMARY).is_file():
         print_table(console, json.loads((run_dir / SUMMARY).read_text()), title=f"{scenario.name} on Flower's deployment runtime: online error")
     devices = run_dir / "edge" / "devices.json"
-    if devices.is_file():
-        report = json.loads(devices.read_text())
+    report = json.loads(devices.read_text()) if devices.is_file() else {"rows": []}
+    if report["rows"]:
         table = Table(title="device-profile estimates (whole stream; see docs/edge.md)")
         for col in ("edge", "device", "adapter", "online acc", "ms/batch", "energy J", "MB up", "MB down", "memory MB", "fits"):
             table.add_column(col, justify="left" if col in ("device", "adapter") else "right")
@@ -235,11 +237,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     workdir = Path(args.out or Path("runs") / f"{scenario.name}-deployment").resolve()
-    deployment = _deployment(workdir, scenario, edge)
+    run_dir = workdir / "run"
+    deployment = _deployment(workdir, run_dir, scenario, edge)
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         deployment.start(edge.startup_timeout_s)
-        run_dir = workdir / "run"
         console.print(f"SuperLink on {deployment.address} with {scenario.num_clients} SuperNodes; Ctrl-C stops them all.")
         console.print("Submit fedsim's app from the repository root with Flower's CLI:")
         console.print(

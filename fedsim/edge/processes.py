@@ -82,7 +82,8 @@ class LocalDeployment:
     host: str = "127.0.0.1"
     port: int = 0
     tls: TLSFiles | None = None
-    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Inherited when set, so a supervisor (e.g. a test) can find everything this demo started.
+    token: str = field(default_factory=lambda: os.environ.get(TOKEN_ENV) or uuid.uuid4().hex)
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -120,6 +121,7 @@ class LocalDeployment:
     def start(self, timeout_s: float = 90.0) -> None:
         """SuperLink, then the SuperNodes; returns once the SuperLink accepts connections."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "superlink.db").unlink(missing_ok=True)  # a resumed demo starts a fresh SuperLink
         self._write_cli_config()
         self._spawn(
             "superlink",
