@@ -84,12 +84,15 @@ def leftover_processes() -> list[int]:
 
 
 # -- in process: the protocol equals the simulation ----------------------------------------
-def test_protocol_in_process_equals_simulation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reset", ["never", "each-shift"])
+def test_protocol_in_process_equals_simulation(tmp_path: Path, reset: str) -> None:
+    """The cloud and edge apps over an in-process grid (persistent node Contexts, as on
+    SuperNodes) score every batch as the simulation does, also when CEMA resets at shifts."""
     from fedsim.edge.apps import client_app, run_cloud
     from fedsim.engine.grid import InlineGrid
     from fedsim.results import RunFolder
 
-    path = write(tmp_path / "s.yaml")
+    path = write(tmp_path / "s.yaml", adaptation={**SCENARIO["adaptation"], "reset": reset})
     simulate(path, tmp_path / "sim")
     scenario = load_scenario(path)
     out = (tmp_path / "edge").resolve()
