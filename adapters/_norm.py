@@ -74,10 +74,11 @@ class MixedStatBatchNorm(AdaptiveNorm):
 
     def _mix(self, mu_b: torch.Tensor, var_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.a
-        mu = (1 - a) * self.source_mean + a * mu_b
-        var = (1 - a) * self.source_var + a * var_b
+        mu = torch.lerp(self.source_mean, mu_b, a)
+        var = torch.lerp(self.source_var, var_b, a)
         if self.moment_matched:
-            var = var + a * (1 - a) * (mu_b - self.source_mean) ** 2
+            shift = mu_b - self.source_mean
+            var = torch.addcmul(var, shift, shift, value=a * (1 - a))
         return mu, var
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,11 +90,9 @@ class MixedStatBatchNorm(AdaptiveNorm):
         if self.a == 1.0 and not self.moment_matched:  # TBN; gradients flow as in training mode
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         if not torch.is_grad_enabled():
-            mu_b = torch.zeros_like(self.source_mean)
-            var_b = torch.ones_like(self.source_var)
-            # momentum 1: the buffers become the batch mean and the unbiased batch variance
-            F.batch_norm(x, mu_b, var_b, None, None, True, 1.0, self.eps)
-            var_b.mul_((count - 1) / count)
+            # batch mean and biased variance in BN's own statistics kernel, without writing
+            # a normalized copy of x (a fresh x-sized tensor costs about as much as a pass)
+            mu_b, var_b = torch.batch_norm_update_stats(x, None, None, 0.0)
             mu, var = self._mix(mu_b, var_b)
             return F.batch_norm(x, mu, var, self.weight, self.bias, False, 0.0, self.eps)
         mu, var = self.statistics(x)

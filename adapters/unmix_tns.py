@@ -78,58 +78,69 @@ class UnMixBatchNorm2d(AdaptiveNorm):
         cos = F.normalize(mu_b, dim=1) @ F.normalize(self.comp_mean, dim=1).t()
         return torch.softmax(cos / self.temperature, dim=1)
 
-    def mixed_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-instance (mean [B, C], var [B, C]) used to normalize, plus p, mu_b, var_b."""
-        var_b, mu_b = _instance_var_mean(x)
+    def mixed_statistics(self, mu_b: torch.Tensor, var_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-instance (mean [B, C], var [B, C]) to normalize with, and p [B, K], from the
+        instance statistics, as [B, K] x [K, C] matmuls (no [B, K, C] tensor: elementwise
+        passes over it cost more than the whole normalization of a small layer).
+
+        With q = 1 - p and the rows of p summing to 1, around the components' centre c
+        (mc = mu_k - c, u = mu_b - c; centred, so that Var_k does not cancel catastrophically):
+        mu_bk - c = q mc + p u, so mean_k of it is (q mc + u) / K and mean_k of its square is
+        (q^2 mc^2 + 2 u (q p) mc + sum_k(p^2) u^2) / K; mean_k var_bk = (q var_k + var_b) / K."""
         p = self.assignments(mu_b)
-        pk = p.unsqueeze(2)  # [B, K, 1]
-        mu_bk = (1 - pk) * self.comp_mean.unsqueeze(0) + pk * mu_b.unsqueeze(1)
-        var_bk = (1 - pk) * self.comp_var.unsqueeze(0) + pk * var_b.unsqueeze(1)
-        mean = mu_bk.mean(dim=1)
-        var = var_bk.mean(dim=1) + mu_bk.var(dim=1, unbiased=False)
-        return mean, var, p, mu_b, var_b
+        k = self.num_components
+        q = 1 - p
+        centre = self.comp_mean.mean(dim=0)
+        mc, u = self.comp_mean - centre, mu_b - centre
+        first = torch.addmm(u, q, mc, beta=1 / k, alpha=1 / k)
+        second = torch.addcmul((q * q) @ (mc * mc), u, (q * p) @ mc, value=2)
+        second = torch.addcmul(second, (p * p).sum(dim=1, keepdim=True), u * u)
+        spread = torch.addcmul(second / k, first, first, value=-1)
+        var = torch.addmm(var_b, q, self.comp_var, beta=1 / k, alpha=1 / k) + spread
+        return first + centre, var, p
 
     @torch.no_grad()
     def update_components(self, p: torch.Tensor, mu_b: torch.Tensor, var_b: torch.Tensor) -> None:
-        """The online update of the K components from one batch (see class docstring)."""
-        m = 1 - (1 - self.momentum) ** (p.shape[0] / self.max_batch_size)
-        pk = p.unsqueeze(2)
-        d_mean = (pk * (mu_b.unsqueeze(1) - self.comp_mean.unsqueeze(0))).mean(dim=0)
-        d_var = (pk * (var_b.unsqueeze(1) - self.comp_var.unsqueeze(0))).mean(dim=0)
+        """The online update of the K components from one batch (see class docstring), with
+        sum_b p_bk (s_b - s_k) = (p^T s)_k - (sum_b p_bk) s_k as one matmul per statistic."""
+        b = p.shape[0]
+        m = 1 - (1 - self.momentum) ** (b / self.max_batch_size)
+        pt, mass = p.t(), p.sum(dim=0).unsqueeze(1)
+        d_mean = torch.addcmul(pt @ mu_b, mass, self.comp_mean, value=-1)
+        d_var = torch.addcmul(pt @ var_b, mass, self.comp_var, value=-1)
         # new tensors, not in-place: the old ones may be saved for a backward pass (Tent).
-        self.comp_mean = self.comp_mean + m * d_mean
-        self.comp_var = self.comp_var + m * d_var
+        self.comp_mean = torch.add(self.comp_mean, d_mean, alpha=m / b)
+        self.comp_var = torch.add(self.comp_var, d_var, alpha=m / b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError("UnMixBatchNorm2d takes [B, C, H, W]")
-        mean, var, p, mu_b, var_b = self.mixed_statistics(x)
+        var_b, mu_b, sq = _instance_var_mean(x)
+        mean, var, p = self.mixed_statistics(mu_b, var_b)
         # y = (x - mean) / sqrt(var + eps) * w + b as one fused x * scale + shift over x
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None and self.bias is not None:
             scale = scale * self.weight
-            shift = self.bias - mean * scale
+            shift = torch.addcmul(self.bias, mean, scale, value=-1)
         else:
             shift = -mean * scale
-        y = torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
+        # Without autograd the squared deviations' buffer, no longer needed, takes the output:
+        # one fresh x-sized tensor per call, as in plain BN.
+        out = None if torch.is_grad_enabled() else sq
+        y = torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None], out=out)
         if self.update:
             self.update_components(p.detach(), mu_b.detach(), var_b.detach())
         return y
 
 
-def _instance_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-instance, per-channel (biased var, mean) over H*W: [B, C] each. Without autograd
-    one fused batch_norm pass over x viewed as [1, B*C, H, W] (torch's var_mean over
-    trailing dims was the largest single cost of an UnMix-TNS forward on CPU)."""
-    b, c, h, w = x.shape
-    n = h * w
-    if torch.is_grad_enabled() or n < 2:
-        return torch.var_mean(x, dim=(2, 3), unbiased=False)
-    mean = torch.zeros(b * c, dtype=x.dtype, device=x.device)
-    var = torch.ones(b * c, dtype=x.dtype, device=x.device)
-    # momentum 1: the buffers become the statistics (eps only touches the discarded output)
-    F.batch_norm(x.reshape(1, b * c, h, w), mean, var, None, None, True, 1.0, 1e-5)
-    return (var * ((n - 1) / n)).view(b, c), mean.view(b, c)
+def _instance_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-instance, per-channel (biased var, mean) over H*W: [B, C] each, in two passes
+    (the mean, then the mean of the squared deviations from it, which are returned too).
+    torch.var_mean over H, W is a slow scalar reduction on CPU, and a batch_norm over x
+    viewed as [1, B*C, H, W] copies a channels-last x (the benchmark's layout) first."""
+    mean = x.mean(dim=(2, 3))
+    sq = F.mse_loss(x, mean[:, :, None, None].expand_as(x), reduction="none")
+    return sq.mean(dim=(2, 3)), mean, sq
 
 
 @ADAPTERS.register("unmix_tns")

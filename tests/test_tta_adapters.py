@@ -125,6 +125,37 @@ def test_unmix_mixing_and_update_match_direct_computation() -> None:
     assert torch.allclose(layer.comp_var.double(), new_var, atol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unmix_paths_match_direct_computation(grad: bool, channels_last: bool) -> None:
+    """Both forward paths (with autograd; without, squared deviations in the output buffer)
+    on both memory formats, K = 16, against the equations in float64."""
+    bn = _bn2d(c=5, seed=3)
+    k, batch = 16, 6
+    layer = UnMixBatchNorm2d(bn, num_components=k, max_batch_size=8, generator=torch.Generator().manual_seed(1))
+    mu_k, var_k = layer.comp_mean.double(), layer.comp_var.double()
+    x = torch.randn(batch, 5, 4, 3, generator=torch.Generator().manual_seed(2)) * 1.5 + 0.7
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    xd = x.double()
+    mu_b = xd.mean(dim=(2, 3))
+    var_b = ((xd - mu_b[:, :, None, None]) ** 2).mean(dim=(2, 3))
+    cos = (mu_b / mu_b.norm(dim=1, keepdim=True)) @ (mu_k / mu_k.norm(dim=1, keepdim=True)).t()
+    p = torch.softmax(cos / 0.07, dim=1)[:, :, None]  # [B, K, 1]
+    mu_bk = (1 - p) * mu_k + p * mu_b[:, None]
+    var_bk = (1 - p) * var_k + p * var_b[:, None]
+    mean = mu_bk.mean(1)
+    var = var_bk.mean(1) + ((mu_bk - mean[:, None]) ** 2).mean(1)
+    expected = (xd - mean[:, :, None, None]) / torch.sqrt(var[:, :, None, None] + bn.eps)
+    expected = expected * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    m = 1 - 0.9 ** (batch / 8)
+    torch.testing.assert_close(layer.comp_mean.double(), mu_k + m * (p * (mu_b[:, None] - mu_k)).mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.comp_var.double(), var_k + m * (p * (var_b[:, None] - var_k)).mean(0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["unmix_tns", "unmix_tns_tent", "alpha_bn", "tbn", "tent", "source", "cema"])
 def test_batch_size_one_runs(name: str) -> None:
     adapter = _build(name, small_bn_cnn())
@@ -204,9 +235,14 @@ def test_adapters_never_see_labels(name: str) -> None:
     assert not math.isnan(a1.metrics()["samples"])
 
 
-@pytest.mark.parametrize("a,mm,shape", [(0.1, False, (8, 4, 5, 5)), (0.3, True, (8, 4, 5, 5)), (1.0, False, (8, 4, 5, 5)), (0.1, False, (1, 4, 5, 5)), (0.1, False, (6, 4)), (0.0, False, (6, 4))])
-def test_mixed_stat_bn_fused_path_equals_formula(a, mm, shape):
-    """The fused F.batch_norm forward (no autograd) gives the formula's output."""
+@pytest.mark.parametrize(
+    "a,mm,shape,channels_last",
+    [(0.1, False, (8, 4, 5, 5), False), (0.3, True, (8, 4, 5, 5), False), (1.0, False, (8, 4, 5, 5), False), (0.1, False, (1, 4, 5, 5), False),
+     (0.1, False, (6, 4), False), (0.0, False, (6, 4), False), (0.1, False, (8, 4, 5, 5), True), (0.3, True, (8, 4, 5, 5), True), (0.1, False, (1, 4, 5, 5), True)],
+)
+def test_mixed_stat_bn_fused_path_equals_formula(a: float, mm: bool, shape: tuple[int, ...], channels_last: bool) -> None:
+    """The fused forward (no autograd: BN's statistics kernel, then F.batch_norm) gives the
+    formula's output, also on a channels-last input (the layout of the benchmark's activations)."""
     from adapters._norm import MixedStatBatchNorm
 
     bn = torch.nn.BatchNorm2d(4) if len(shape) == 4 else torch.nn.BatchNorm1d(4)
@@ -216,6 +252,8 @@ def test_mixed_stat_bn_fused_path_equals_formula(a, mm, shape):
     bn.bias.data.uniform_(-0.5, 0.5)
     layer = MixedStatBatchNorm(bn, a, moment_matched=mm)
     x = torch.randn(*shape) * 2 + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         fused = layer(x)
     mu, var = layer.statistics(x)
