@@ -199,7 +199,8 @@ def test_demo_interrupted_stops_everything_and_resumes(tmp_path: Path) -> None:
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
-    proc.send_signal(signal.SIGINT)
+    # SIGTERM, what job managers send (SIGINT is ignored by background jobs of a non-interactive shell)
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "interrupted" in err, err[-2000:]
     assert leftover_processes() == []
