@@ -126,6 +126,7 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
 
     from adapters.alpha_bn import AlphaBN
     from adapters.cema import CEMA
+    from adapters.tbn import TBN
     from adapters.unmix_tns import UnMixTNS
     from fedsim.config import DataConfig
     from fedsim.data.loading import load_dataset, to_tensor
@@ -167,6 +168,12 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
         # edge only: the cloud runs when `cloud_batch` uploads are pending, which never
         # happens here; the pending uploads are dropped after each timed batch.
         "cema_edge": CEMA(model, foundation=foundation, cloud_batch=10**9),
+        # the same edge uploading every sample: bounds what the uint8 packing can add
+        "cema_edge_upload_all": CEMA(model, foundation=foundation, cloud_batch=10**9, upload_all=True),
+        # the edge keeping the source statistics (edge_bn: source): forward + filter only
+        "cema_edge_source_bn": CEMA(model, foundation=foundation, cloud_batch=10**9, edge_bn="source"),
+        # test-batch normalization alone: the statistics pass CEMA's default edge shares
+        "tbn": TBN(model),
     }
     steps = {"plain": plain_step, **{k: a.predict_and_adapt for k, a in adapters.items()}}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -199,7 +206,7 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
         for k, v in row.items():
             per_batch[k].append(v)
             ratios[k].append(v / base)
-    cema = adapters["cema_edge"]
+    cema, cema_all = adapters["cema_edge"], adapters["cema_edge_upload_all"]
     return {
         "batch": batch,
         "per_batch_ms": {k: 1000 * statistics.median(v) for k, v in per_batch.items()},
@@ -207,6 +214,7 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
         "ratios_all": ratios,
         "cema_upload_fraction": cema.samples_uploaded / max(cema._samples, 1),
         "cema_cloud_steps": cema.cloud_steps,
+        "cema_all_upload_fraction": cema_all.samples_uploaded / max(cema_all._samples, 1),
     }
 
 

@@ -31,12 +31,10 @@ def compare_runs(paths: list[Path], plot_path: Path | None = None) -> tuple[list
         })
         curves.append((str(path), [r["round"] for r in records], [r["accuracy"] for r in records], [r["bytes_up_total"] for r in records]))
     plot_path = plot_path or paths[0].parent / "report.png"
-    import matplotlib
+    from matplotlib.figure import Figure  # Agg, no pyplot state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    a1, a2 = fig.subplots(1, 2)
     for name, rounds, acc, up in curves:
         a1.plot(rounds, acc, label=name)
         a2.plot([u / 1e6 for u in up], acc, label=name)
@@ -45,7 +43,6 @@ def compare_runs(paths: list[Path], plot_path: Path | None = None) -> tuple[list
     a1.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(plot_path, dpi=110)
-    plt.close(fig)
     return rows, domains, plot_path
 
 

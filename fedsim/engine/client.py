@@ -145,7 +145,12 @@ class ClientRuntime:
         per_epoch = n // bs if c.drop_last else math.ceil(n / bs)
         total = c.local_steps if c.local_steps is not None else c.local_epochs * per_epoch
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+        # running sums stay on the device: converting to Python numbers every step would
+        # synchronise a GPU twice per step. float64 products and sums of float32 losses give
+        # the same bits as the Python-float accumulation they replace.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen, steps = 0, 0
         perm = torch.randperm(n, generator=gen)
         pos = 0
         while steps < total:
@@ -166,10 +171,10 @@ class ClientRuntime:
             opt.step()
             hooks.after_step(model)
             steps += 1
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.detach().argmax(1) == yb).sum())
+            loss_sum += loss.detach().double() * len(idx)
+            correct += (logits.detach().argmax(1) == yb).sum()
             seen += len(idx)
-        return loss_sum, correct, seen, steps
+        return float(loss_sum), int(correct), seen, steps
 
     @torch.no_grad()
     def _score(self, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> tuple[int, float, int]:

@@ -218,18 +218,15 @@ def plot_stream(result: StreamResult | list[StreamResult], path: str | Path, win
 def plot_streams(panels: dict[str, list[StreamResult]], path: str | Path, window: int = 10) -> Path:
     """Like :func:`plot_stream`, one panel (row) per entry of ``panels`` (title -> results on
     one stream, e.g. one edge's stream with every adapter)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # Agg, no pyplot state
 
     rows = max(1, len(panels))
-    fig, axes = plt.subplots(rows, 1, figsize=(10, 4 if rows == 1 else 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(10, 4 if rows == 1 else 3.2 * rows))
+    axes = fig.subplots(rows, 1, squeeze=False)
     for ax, (title, results) in zip(axes[:, 0], panels.items()):
         _plot_on_axis(ax, results, window, title or None)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
