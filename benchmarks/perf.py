@@ -311,11 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one repetition, fewer rounds (a smoke run; numbers are noisier)")
     ap.add_argument("--only", default="", help="comma-separated targets: 1,2,3,4,5,6,S")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of targets 4, 6 and S")
-    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions per ratio (default 3; 1 with --quick)")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions per ratio (default 5; 1 with --quick)")
     ap.add_argument("--out", default=None, help="markdown file to write (e.g. docs/performance.md)")
     args = ap.parse_args(argv)
     only = {t.strip().upper() for t in args.only.split(",") if t.strip()} or {"1", "2", "3", "4", "5", "6", "S"}
-    reps = args.reps or (1 if args.quick else 3)
+    reps = args.reps or (1 if args.quick else 5)
     rounds = 2 if args.quick else 5
     cuda_ok = _cuda()
     if args.device == "cuda" and not cuda_ok:
