@@ -255,3 +255,16 @@ def test_live_view_renders_every_device(tmp_path: Path) -> None:
     assert "round 2/2" in text and "0.7500" in text
     assert "cam" in text and "cema ..." in text and "0.2500" in text  # running, 8/32 correct
     assert "tbn" in text and "0.7500" in text
+
+
+def test_flwr_failure_message_is_flowers_reason() -> None:
+    from fedsim.edge.processes import flwr_error, json_reply
+
+    # what `flwr run --format json` printed when the SuperLink could not import the app
+    stdout = 'Loading project configuration...\n{\n    "success": false,\n    "error-message": "\\nNo module named \'fedsim\'"\n}\n'
+    reply = json_reply(stdout)
+    assert reply["success"] is False
+    assert flwr_error(reply, stdout, "") == "No module named 'fedsim'"
+    assert json_reply("no json here") == {}
+    assert flwr_error({}, "", "line 1\nTraceback: boom\n") == "Traceback: boom"
+    assert flwr_error({}, "", "") == "no output"

@@ -44,9 +44,10 @@ def test_vmapped_clients_match_sequential_ones():
 
 def test_tta_job_times_every_adapter_without_the_cloud():
     res = jobs.tta({"reps": 1, "batches": 2, "train_steps": 2, "width": 8, "batch": 16, "data": {"dataset": "toy", "image_size": 16}})
-    assert set(res["ratio"]) == {"alpha_bn", "unmix_tns", "cema_edge"}
+    assert set(res["ratio"]) == {"alpha_bn", "unmix_tns", "cema_edge", "cema_edge_upload_all", "cema_edge_source_bn", "tbn"}
     assert all(np.isfinite(v) and v > 0 for v in res["ratio"].values())
     assert res["cema_cloud_steps"] == 0  # only the edge is timed
+    assert res["cema_all_upload_fraction"] == 1.0  # the upload_all row packs every sample
 
 
 def test_write_doc_replaces_only_the_measured_block(tmp_path):

@@ -37,6 +37,25 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def json_reply(stdout: str) -> dict[str, Any]:
+    """The JSON object ``flwr ... --format json`` printed (after any log lines); {} if none."""
+    try:
+        reply = json.loads(stdout[stdout.index("{") :])
+    except ValueError:
+        return {}
+    return reply if isinstance(reply, dict) else {}
+
+
+def flwr_error(reply: dict[str, Any], stdout: str, stderr: str) -> str:
+    """One line saying why a ``flwr`` command failed: Flower's ``error-message`` (flwr 1.41
+    JSON replies), else the last line it printed."""
+    msg = reply.get("error-message") or reply.get("error")
+    if not msg:
+        lines = (stderr or stdout).strip().splitlines()
+        msg = lines[-1] if lines else "no output"
+    return " ".join(str(msg).split())
+
+
 def _executable(name: str) -> str:
     local = Path(sys.executable).parent / name
     if local.exists():
@@ -168,22 +187,17 @@ class LocalDeployment:
         """``flwr run APP fedsim-edge --run-config ...``; returns the run id."""
         pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         out = self.flwr("run", str(app_dir), CONNECTION, "--run-config", pairs, "--format", "json")
-        try:
-            reply = json.loads(out.stdout[out.stdout.index("{") :])
-        except ValueError:
-            reply = {}
+        reply = json_reply(out.stdout)
         if out.returncode != 0 or not reply.get("success", False):
-            msg = reply.get("error") or (out.stderr or out.stdout).strip().splitlines()[-1:]
-            raise DeploymentError(f"flwr run failed: {msg}")
+            raise DeploymentError(f"flwr run failed: {flwr_error(reply, out.stdout, out.stderr)}")
         return int(reply["run-id"])
 
     def run_status(self, run_id: int) -> str:
         """Flower's status of a run (e.g. ``running``, ``finished:completed``); '' if unknown."""
         out = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout_s=60)
         try:
-            reply = json.loads(out.stdout[out.stdout.index("{") :])
-            return str(reply["runs"][0]["status"])
-        except (ValueError, KeyError, IndexError):
+            return str(json_reply(out.stdout)["runs"][0]["status"])
+        except (KeyError, IndexError, TypeError):
             return ""
 
     # -- stop ----------------------------------------------------------------------------
