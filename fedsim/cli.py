@@ -188,16 +188,22 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, *, out_help: str, resume_help: str) -> None:
+    """The arguments every command that runs a scenario into a run folder takes
+    (``fedsim run``, ``fedsim edge demo``): scenario, overrides, --out, --overwrite, --resume."""
+    parser.add_argument("scenario", nargs="?", help="scenario YAML file")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--out", help=out_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--resume", metavar="RUN_FOLDER", help=resume_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedsim", description="Federated learning and test-time adaptation simulator (Flower + Ray).")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a scenario")
-    r.add_argument("scenario", nargs="?", help="scenario YAML file")
-    r.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    r.add_argument("--out", help="run folder (default runs/<name>)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    r.add_argument("--resume", metavar="RUN_FOLDER", help="continue a killed run from its last checkpoint")
+    add_run_arguments(r, out_help="run folder (default runs/<name>)", resume_help="continue a killed run from its last checkpoint")
     r.set_defaults(func=cmd_run)
 
     from fedsim.tta.command import add_parser as add_adapt_parser

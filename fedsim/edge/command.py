@@ -277,14 +277,12 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
+    from fedsim.cli import add_run_arguments  # fedsim.cli imports this module lazily
+
     p = sub.add_parser("edge", help="the edge demo on Flower's deployment runtime (SuperLink + SuperNodes)")
     esub = p.add_subparsers(dest="edge_command", required=True)
     d = esub.add_parser("demo", help="start SuperLink + SuperNodes, run the scenario with flwr run, live view, stop all")
-    d.add_argument("scenario", nargs="?", help="scenario YAML")
-    d.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    d.add_argument("--out", help="run folder (default runs/<name>-edge)")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    d.add_argument("--resume", metavar="RUN_FOLDER", help="continue an interrupted demo from its last checkpoint")
+    add_run_arguments(d, out_help="run folder (default runs/<name>-edge)", resume_help="continue an interrupted demo from its last checkpoint")
     d.add_argument("--no-live", dest="live", action="store_false", help="print progress lines instead of the live view")
     d.set_defaults(func=cmd_demo)
     u = esub.add_parser("up", help="start SuperLink + SuperNodes for a scenario and wait (Ctrl-C stops)")
