@@ -242,7 +242,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     workdir = Path(args.out or Path("runs") / f"{scenario.name}-deployment").resolve()
     try:  # the SuperLink's database there is replaced at start: never in the user's own folders
         check_location(workdir, "deployment")
-        if workdir.is_dir() and (foreign := sorted(set(p.name for p in workdir.iterdir()) - DEPLOYMENT_ENTRIES)):
+        if workdir.is_dir() and (foreign := sorted({p.name for p in workdir.iterdir()} - DEPLOYMENT_ENTRIES)):
             raise UnsafeOutput(f"{workdir}: holds files fedsim did not write ({', '.join(foreign[:3])}); choose another --out")
     except UnsafeOutput as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -275,7 +275,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedsim.edge.certs import make_certificates
-
     from fedsim.outputs import MARKER, UnsafeOutput, check_location, ownership_problem, write_marker
 
     out = Path(args.dir)
