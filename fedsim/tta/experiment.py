@@ -10,8 +10,8 @@
   error (mean over edges and seeds), CEMA's upload fraction and bytes both ways, seconds
   per batch, what each edge deployed, the foundation model's record, and every stream's
   record (protocol, reset policy, sample counts, seeds);
-- ``adaptation.png``: online accuracy over the stream, one panel per edge (first seed),
-  every adapter, shift boundaries marked.
+- ``adaptation.png``: running online accuracy over the stream (and each shift's accuracy),
+  one panel per edge (first seed), every adapter, shift boundaries named.
 
 Each edge's stream is built from its domain's global test set (corruption shifts corrupt
 it; ``clean`` plays it as it is; a domain name plays that domain's test set), seeded per
@@ -166,6 +166,6 @@ def run_adaptation(
     panels = {
         f"edge {e} ({parts[e].domain}), seed {first}": [results[s.display][e][first] for s in specs] for e in edges
     }
-    plot_streams(panels, out / PLOT, window=cfg.plot_window)
+    plot_streams(panels, out / PLOT)
     summary["files"] = {"jsonl": str(jsonl), "summary": str(out / SUMMARY), "plot": str(out / PLOT)}
     return summary
