@@ -111,5 +111,5 @@ def test_plot_running_accuracy_from_the_start_and_distinguishable(tmp_path) -> N
     assert len(main) == 2  # equal results: two curves, told apart by style
     assert len({(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in main}) == 2
     assert all(len(ln.get_xdata()) == 80 and ln.get_xdata()[0] == 1 for ln in main)  # from the first sample
-    assert [t.get_text() for t in ax.texts] == ["gaussian_noise@2", "fog@1"]
+    assert [t.get_text().strip() for t in ax.texts] == ["gaussian_noise@2", "fog@1"]
     assert "online accuracy" == ax.get_ylabel() and "err" not in ax.get_legend().get_texts()[0].get_text()
