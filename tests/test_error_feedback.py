@@ -14,7 +14,13 @@ import pytest
 
 from strategies.compressed.base import model_step
 from strategies.compressed.compressors import Compressor, Identity, RandK, ScaledSign, TopK
-from strategies.compressed.econtrol import EControlClientState, EControlServerState, econtrol_client_step, econtrol_init_client, econtrol_server_step
+from strategies.compressed.econtrol import (
+    EControlClientState,
+    EControlServerState,
+    econtrol_client_step,
+    econtrol_init_client,
+    econtrol_server_step,
+)
 from strategies.compressed.ef21 import (
     EF21ClientState,
     EF21ServerState,

@@ -21,7 +21,14 @@ from fedsim.engine.hooks import HOOKS_KEY
 from fedsim.registry import import_object
 from strategies.compressed.base import client_rng, flatten, model_step, server_rng, split_keys, unflatten
 from strategies.compressed.compressors import Identity, make_compressor
-from strategies.compressed.econtrol import EControl, EControlClientState, EControlServerState, econtrol_client_step, econtrol_init_client, econtrol_server_step
+from strategies.compressed.econtrol import (
+    EControl,
+    EControlClientState,
+    EControlServerState,
+    econtrol_client_step,
+    econtrol_init_client,
+    econtrol_server_step,
+)
 from strategies.compressed.ef21 import (
     EF21,
     EF21ClientState,

@@ -73,7 +73,15 @@ from fedsim.arrays import NamedArrays, numpy_to_record, record_to_numpy
 from fedsim.engine.client_state import ClientState
 from fedsim.engine.hooks import ClientHooks
 from fedsim.models import norm_state_keys
-from strategies.compressed.compressors import Compressor, Identity, Payload, RandK, TopK, make_compressor, payload_nbytes
+from strategies.compressed.compressors import (
+    Compressor,
+    Identity,
+    Payload,
+    RandK,
+    TopK,
+    make_compressor,
+    payload_nbytes,
+)
 from strategies.fedavg import FedAvg
 
 UP = "__ef__/"  # reply payload array names: __ef__/<payload key>
