@@ -26,12 +26,15 @@ def adapted_affine_parameters(model: nn.Module, norm_layers: str, bn2d: frozense
     ``bn2d`` names the modules that were BatchNorm2d layers before replacement."""
     if norm_layers not in NORM_LAYERS:
         raise ValueError(f"norm_layers must be one of {', '.join(NORM_LAYERS)}, got '{norm_layers}'")
-    kinds: tuple[type[nn.Module], ...] = (AdaptiveNorm, *NORM_TYPES) if norm_layers == "all_norm" else (AdaptiveNorm, _BatchNorm)
+    kinds: tuple[type[nn.Module], ...] = (AdaptiveNorm, _BatchNorm)
+    if norm_layers == "all_norm":
+        kinds = (AdaptiveNorm, *NORM_TYPES)
     params: list[nn.Parameter] = []
     for name, module in model.named_modules():
         selected = name in bn2d if norm_layers == "bn2d" else isinstance(module, kinds)
         if selected:
-            params.extend(p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if isinstance(p, nn.Parameter))
+            affine = (getattr(module, "weight", None), getattr(module, "bias", None))
+            params.extend(p for p in affine if isinstance(p, nn.Parameter))
     return params
 
 

@@ -153,7 +153,7 @@ def _clipped_zoom(x: np.ndarray, zoom: float) -> np.ndarray:
     ch, cw = int(np.ceil(h / zoom)), int(np.ceil(w / zoom))
     top, left = (h - ch) // 2, (w - cw) // 2
     crop = torch.from_numpy(np.ascontiguousarray(x[:, top : top + ch, left : left + cw])).permute(0, 3, 1, 2)
-    size = (int(round(ch * zoom)), int(round(cw * zoom)))
+    size = (round(ch * zoom), round(cw * zoom))
     z = torch.nn.functional.interpolate(crop, size=size, mode="bilinear", align_corners=True)
     z = z.permute(0, 2, 3, 1).numpy()
     th, tw = (z.shape[1] - h) // 2, (z.shape[2] - w) // 2
@@ -316,7 +316,7 @@ def glass_blur(x: np.ndarray, severity: int, rng: Rng) -> np.ndarray:
     """
     sigma, delta, iterations = ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2))[severity - 1]
     s = _scale(x)
-    sigma, delta = sigma * s, max(1, int(round(delta * s)))
+    sigma, delta = sigma * s, max(1, round(delta * s))
     b, h, w, ch = x.shape
     # the original's np.uint8(gaussian(x) * 255): truncation, kept as integer-valued floats
     out = np.floor(_gaussian_blur(x, sigma) * 255)
@@ -571,8 +571,8 @@ def elastic_transform(x: np.ndarray, severity: int, rng: Rng) -> np.ndarray:
     for i in range(b):
         pts2 = pts1 + rng.uniform(-affine, affine, size=pts1.shape).astype(np.float32)
         warped = warp_affine_reflect101(x[i].astype(np.float32), affine_from_points(pts1, pts2))
-        dx = (ndimage.gaussian_filter(rng.uniform(-1, 1, size=(h, w)), sigma, mode="reflect", truncate=3) * alpha)
-        dy = (ndimage.gaussian_filter(rng.uniform(-1, 1, size=(h, w)), sigma, mode="reflect", truncate=3) * alpha)
+        dx = ndimage.gaussian_filter(rng.uniform(-1, 1, size=(h, w)), sigma, mode="reflect", truncate=3) * alpha
+        dy = ndimage.gaussian_filter(rng.uniform(-1, 1, size=(h, w)), sigma, mode="reflect", truncate=3) * alpha
         coords = [yy + dy.astype(np.float32), xx + dx.astype(np.float32)]
         out[i] = np.stack(
             [ndimage.map_coordinates(warped[:, :, c], coords, order=1, mode="reflect") for c in range(ch)], axis=-1
