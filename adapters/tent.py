@@ -4,10 +4,38 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapters import ADAPTERS
-from adapters._norm import MixedStatBatchNorm, entropy, is_batchnorm, norm_affine_parameters, replace_modules
+from adapters._norm import NORM_TYPES, AdaptiveNorm, MixedStatBatchNorm, entropy, is_batchnorm, replace_modules
 from adapters.base import Adapter
+
+NORM_LAYERS: tuple[str, ...] = ("bn2d", "all_bn", "all_norm")
+"""Which normalization layers' affine parameters an entropy step trains: ``bn2d`` (BatchNorm2d
+only, DequanWang/tent), ``all_bn`` (every BatchNorm, 1d too), ``all_norm`` (also GroupNorm,
+LayerNorm, InstanceNorm)."""
+
+
+def batchnorm2d_names(model: nn.Module) -> frozenset[str]:
+    """Module names of the BatchNorm2d layers (taken before the adapters replace them)."""
+    return frozenset(name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def adapted_affine_parameters(model: nn.Module, norm_layers: str, bn2d: frozenset[str]) -> list[nn.Parameter]:
+    """The affine weight/bias that ``norm_layers`` (one of :data:`NORM_LAYERS`) selects;
+    ``bn2d`` names the modules that were BatchNorm2d layers before replacement."""
+    if norm_layers not in NORM_LAYERS:
+        raise ValueError(f"norm_layers must be one of {', '.join(NORM_LAYERS)}, got '{norm_layers}'")
+    kinds: tuple[type[nn.Module], ...] = (AdaptiveNorm, _BatchNorm)
+    if norm_layers == "all_norm":
+        kinds = (AdaptiveNorm, *NORM_TYPES)
+    params: list[nn.Parameter] = []
+    for name, module in model.named_modules():
+        selected = name in bn2d if norm_layers == "bn2d" else isinstance(module, kinds)
+        if selected:
+            affine = (getattr(module, "weight", None), getattr(module, "bias", None))
+            params.extend(p for p in affine if isinstance(p, nn.Parameter))
+    return params
 
 
 def entropy_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> torch.Tensor:
@@ -25,31 +53,38 @@ def entropy_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
 @ADAPTERS.register("tent")
 class Tent(Adapter):
     """Tent: minimise the mean prediction entropy ``H(p) = -sum_c p_c log p_c`` over the
-    BatchNorm affine parameters only, with BatchNorm in batch-statistics mode (as TBN).
+    BatchNorm affine parameters only, with every BatchNorm in batch-statistics mode (as TBN).
 
     One optimizer step per batch; the returned logits are those of the forward pass the
     step is computed from (before the update). Adam with ``lr`` (default 1e-3, betas
     (0.9, 0.999)), ``steps`` steps per batch (default 1; further steps re-run the forward).
-    ``include_non_bn=True`` also trains GroupNorm/LayerNorm affine parameters (default False).
+    ``norm_layers`` picks the trained layers (:data:`NORM_LAYERS`): ``bn2d`` (default, as the
+    official DequanWang/tent, whose ``collect_params`` takes BatchNorm2d only; its
+    ``model.train()`` still puts BatchNorm1d in batch-statistics mode, as here), ``all_bn``
+    (BatchNorm1d too) or ``all_norm`` (also GroupNorm/LayerNorm/InstanceNorm).
     """
 
     name = "tent"
     needs_grad = True
     changes = "bn-affine"
 
-    def __init__(self, model: nn.Module, *, lr: float = 1e-3, steps: int = 1, include_non_bn: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, lr: float = 1e-3, steps: int = 1, norm_layers: str = "bn2d") -> None:
         if lr <= 0 or steps < 1:
             raise ValueError("tent: lr must be > 0 and steps >= 1")
+        if norm_layers not in NORM_LAYERS:
+            raise ValueError(f"tent: norm_layers must be one of {', '.join(NORM_LAYERS)}, got '{norm_layers}'")
         self.lr = float(lr)
         self.steps = int(steps)
-        self.include_non_bn = bool(include_non_bn)
+        self.norm_layers = str(norm_layers)
         super().__init__(model)
         self.optimizer = self._make_optimizer()
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = super().prepare(model)
+        bn2d = batchnorm2d_names(model)
         replace_modules(model, is_batchnorm, lambda bn: MixedStatBatchNorm(bn, a=1.0))
-        for p in norm_affine_parameters(model, self.include_non_bn):
+        model.requires_grad_(False)  # the replacements hold fresh Parameters (requires_grad=True)
+        for p in adapted_affine_parameters(model, self.norm_layers, bn2d):
             p.requires_grad_(True)
         return model
 

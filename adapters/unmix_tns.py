@@ -10,9 +10,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapters import ADAPTERS
-from adapters._norm import AdaptiveNorm, MixedStatBatchNorm, is_batchnorm, norm_affine_parameters, replace_modules
+from adapters._norm import AdaptiveNorm, MixedStatBatchNorm, is_batchnorm, replace_modules
 from adapters.base import Adapter
-from adapters.tent import entropy_step
+from adapters.tent import NORM_LAYERS, adapted_affine_parameters, batchnorm2d_names, entropy_step
 
 
 class UnMixBatchNorm2d(AdaptiveNorm):
@@ -21,6 +21,9 @@ class UnMixBatchNorm2d(AdaptiveNorm):
     Init from the source statistics (eps_k ~ N(0, I), drawn with ``generator``)::
 
         mu_k  = mu_src + sqrt(c * K / (K - 1)) * sigma_src * eps_k,   var_k = (1 - c) * var_src
+
+    ``c`` in (0, 1) is the share of the source variance moved into the spread of the component
+    means (the official code hard-codes ``coeff = 0.5``, "alpha" in its comment).
 
     Forward, per instance b with instance statistics over H*W (biased variance)
     mu_b, var_b::
@@ -150,11 +153,15 @@ class UnMixTNS(Adapter):
     gradients (equations in that class). Other BatchNorm layers (BatchNorm1d) keep their
     source statistics. Predictions use the components as they were before the batch.
 
-    Settings: num_components K (16; 128 for mixed domains), c (0.5), temperature tau (0.07),
-    momentum (0.1, the base of m), max_batch_size B_max in ``m = 1 - (1 - 0.1)^(B / B_max)``
-    (64, unconfirmed), seed (component init), tent (False: compose with Tent, i.e. also
-    minimise entropy over the normalization affine parameters with Adam lr ``lr``, one step
-    per batch), lr (1e-3, used with tent).
+    Settings: num_components K (16; 128 for mixed domains); c, the init spread (0.5, the
+    official ``coeff``; it is not a setting there: smaller values such as 0.01 start every
+    component near the source statistics, see docs/tta.md); temperature tau (0.07); momentum
+    (0.1, the base of m); max_batch_size B_max in ``m = 1 - (1 - 0.1)^(B / B_max)`` (64, the
+    official ``UNMIXTNS.BATCH_SIZE_MAX``); seed (component init); tent (False: compose with
+    Tent, i.e. also minimise entropy over normalization affine parameters with Adam lr ``lr``,
+    one step per batch); lr (1e-3, used with tent); norm_layers, the layers Tent trains
+    (``all_norm``, as the official UnMix-TNS Tent, which collects BatchNorm1d/2d, LayerNorm,
+    GroupNorm and its UnMix layers; ``bn2d``/``all_bn`` as in ``tent``).
     """
 
     name = "unmix_tns"
@@ -173,7 +180,10 @@ class UnMixTNS(Adapter):
         seed: int = 0,
         tent: bool = False,
         lr: float = 1e-3,
+        norm_layers: str = "all_norm",
     ) -> None:
+        if norm_layers not in NORM_LAYERS:
+            raise ValueError(f"unmix_tns: norm_layers must be one of {', '.join(NORM_LAYERS)}, got '{norm_layers}'")
         if not 0.0 < c < 1.0:
             raise ValueError(f"unmix_tns: c must be in (0, 1), got {c}")
         if num_components < 2 or max_batch_size < 1 or temperature <= 0:
@@ -186,6 +196,7 @@ class UnMixTNS(Adapter):
         self.seed = int(seed)
         self.tent = bool(tent)
         self.lr = float(lr)
+        self.norm_layers = str(norm_layers)
         if self.tent:  # composition changes what the adapter needs and changes
             self.needs_grad = True  # type: ignore[misc]
             self.changes = "bn-statistics+bn-affine"  # type: ignore[misc]
@@ -195,6 +206,7 @@ class UnMixTNS(Adapter):
     def prepare(self, model: nn.Module) -> nn.Module:
         model = super().prepare(model)
         gen = torch.Generator().manual_seed(self.seed)
+        bn2d = batchnorm2d_names(model)
 
         def make(bn: nn.Module) -> nn.Module:
             if isinstance(bn, nn.BatchNorm2d):
@@ -205,7 +217,8 @@ class UnMixTNS(Adapter):
 
         replace_modules(model, is_batchnorm, make)
         if self.tent:
-            for p in norm_affine_parameters(model, include_non_bn=False):
+            model.requires_grad_(False)  # the replacements hold fresh Parameters (requires_grad=True)
+            for p in adapted_affine_parameters(model, self.norm_layers, bn2d):
                 p.requires_grad_(True)
         return model
 
@@ -228,8 +241,9 @@ class UnMixTNS(Adapter):
 @ADAPTERS.register("unmix_tns_tent")
 class UnMixTNSTent(UnMixTNS):
     """UnMix-TNS composed with Tent: UnMix-TNS statistics, plus one Adam step (lr 1e-3) per
-    batch minimising the mean prediction entropy over the BN affine parameters. Same
-    settings as ``unmix_tns`` with ``tent`` fixed to True."""
+    batch minimising the mean prediction entropy over the normalization affine parameters
+    (``norm_layers``, default ``all_norm`` as the official code). Same settings as
+    ``unmix_tns`` with ``tent`` fixed to True."""
 
     name = "unmix_tns_tent"
     needs_grad = True
@@ -246,6 +260,7 @@ class UnMixTNSTent(UnMixTNS):
         max_batch_size: int = 64,
         seed: int = 0,
         lr: float = 1e-3,
+        norm_layers: str = "all_norm",
     ) -> None:
         super().__init__(
             model,
@@ -257,4 +272,5 @@ class UnMixTNSTent(UnMixTNS):
             seed=seed,
             tent=True,
             lr=lr,
+            norm_layers=norm_layers,
         )

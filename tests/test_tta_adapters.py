@@ -190,6 +190,57 @@ def test_tent_predicts_before_adapting() -> None:
     assert torch.allclose(tent.predict_and_adapt(x1), tbn.predict_and_adapt(x1), atol=1e-6)
 
 
+def _updated(adapter: Adapter, source: nn.Module) -> set[str]:
+    """Names of the parameters one adapted batch changed."""
+    adapter.predict_and_adapt(torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(3)))
+    before = dict(source.named_parameters())
+    return {n for n, p in adapter.model.named_parameters() if not torch.equal(p, before[n])}
+
+
+# small_bn_cnn: BatchNorm2d at modules 1 and 5, BatchNorm1d at 10
+BN2D_AFFINE = {"1.weight", "1.bias", "5.weight", "5.bias"}
+BN1D_AFFINE = {"10.weight", "10.bias"}
+
+
+@pytest.mark.parametrize(
+    ("name", "norm_layers", "expected"),
+    [
+        ("tent", None, BN2D_AFFINE),  # DequanWang/tent: BatchNorm2d only
+        ("tent", "all_bn", BN2D_AFFINE | BN1D_AFFINE),
+        ("tent", "all_norm", BN2D_AFFINE | BN1D_AFFINE),
+        ("unmix_tns_tent", None, BN2D_AFFINE | BN1D_AFFINE),  # the UnMix-TNS code's Tent: every norm layer
+        ("unmix_tns_tent", "bn2d", BN2D_AFFINE),
+    ],
+)
+def test_tent_scope_decides_which_parameters_are_updated(name: str, norm_layers: str | None, expected: set[str]) -> None:
+    source = small_bn_cnn()
+    kwargs = {} if norm_layers is None else {"norm_layers": norm_layers}
+    adapter = build_adapter(name, source, **kwargs)
+    assert {n for n, p in adapter.model.named_parameters() if p.requires_grad} == expected
+    assert _updated(adapter, source) == expected
+
+
+def test_unmix_init_follows_the_formula_for_the_given_c() -> None:
+    """mu_k = mu_src + sqrt(c K / (K - 1)) sigma_src eps_k, var_k = (1 - c) var_src, with the
+    eps of each BatchNorm2d drawn in turn from one generator seeded ``seed``."""
+    source = small_bn_cnn()
+    k, seed = 4, 7
+    for c in (0.5, 0.01, 0.9):
+        adapter = build_adapter("unmix_tns", source, num_components=k, c=c, seed=seed)
+        gen = torch.Generator().manual_seed(seed)
+        for name in ("1", "5"):
+            bn = source.get_submodule(name)
+            layer = adapter.model.get_submodule(name)
+            assert isinstance(layer, UnMixBatchNorm2d) and layer.c == c
+            eps = torch.randn(k, bn.num_features, generator=gen).double()
+            mu, var = bn.running_mean.double(), bn.running_var.double()
+            expected_mean = mu + math.sqrt(c * k / (k - 1)) * var.sqrt() * eps
+            torch.testing.assert_close(layer.comp_mean.double(), expected_mean, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(layer.comp_var.double(), ((1 - c) * var).expand(k, -1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="c must be in"):
+        build_adapter("unmix_tns", source, c=1.0)
+
+
 def test_unmix_predicts_with_components_from_before_the_batch() -> None:
     model = small_bn_cnn()
     a, b = build_adapter("unmix_tns", model), build_adapter("unmix_tns", model)
@@ -211,7 +262,11 @@ def test_registry_and_settings() -> None:
         build_adapter("alpha_bn", small_bn_cnn(), alpah=0.2)
     with pytest.raises(TypeError, match="foundation"):
         build_adapter("cema", small_bn_cnn())
-    assert adapter_settings(ADAPTERS.get("tent")) == {"lr": 1e-3, "steps": 1, "include_non_bn": False}
+    assert adapter_settings(ADAPTERS.get("tent")) == {"lr": 1e-3, "steps": 1, "norm_layers": "bn2d"}
+    assert adapter_settings(ADAPTERS.get("unmix_tns"))["c"] == 0.5
+    assert adapter_settings(ADAPTERS.get("unmix_tns_tent"))["norm_layers"] == "all_norm"
+    with pytest.raises(ValueError, match="norm_layers"):
+        build_adapter("tent", small_bn_cnn(), norm_layers="bn")
     for name in ADAPTERS.names():
         cls = ADAPTERS.get(name)
         assert isinstance(cls.needs_grad, bool) and cls.changes and cls.name == name

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 
-from fedsim.tta.corruptions import APPROXIMATE, CORRUPTIONS, NOT_MONOTONE, corrupt
+from fedsim.tta.corruptions import CORRUPTIONS, NOT_MONOTONE, corrupt, frost_textures
 
 NAMES = [
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
     "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 ]
 DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression"}
+HAS_FROST = importlib.util.find_spec("imagecorruptions") is not None
+
+
+def _needs(name: str) -> None:
+    if name == "frost" and not HAS_FROST:
+        pytest.skip("frost needs the imagecorruptions package's photographs (extra 'corruptions')")
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +31,8 @@ def images() -> torch.Tensor:
 
 def test_registry_and_metadata() -> None:
     assert list(CORRUPTIONS) == NAMES
-    assert {"glass_blur", "motion_blur", "snow", "frost"} <= APPROXIMATE <= set(NAMES)
-    for name in APPROXIMATE:
-        assert "approximate" in (CORRUPTIONS[name].__doc__ or "")
+    for name in NAMES:
+        assert "approximate" not in (CORRUPTIONS[name].__doc__ or "")
     with pytest.raises(ValueError):
         corrupt(torch.rand(1, 3, 8, 8), "fog", 6, 0)
 
@@ -40,6 +47,7 @@ def _change(x: torch.Tensor, y: torch.Tensor, name: str) -> float:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_corruption_deterministic_in_range_and_ordered(name: str, images: torch.Tensor) -> None:
+    _needs(name)
     changes = []
     for severity in range(1, 6):
         y = CORRUPTIONS[name](images, severity, np.random.default_rng(3))
@@ -62,8 +70,30 @@ def test_corruption_deterministic_in_range_and_ordered(name: str, images: torch.
 def test_gray_and_other_sizes() -> None:
     gray = torch.rand(2, 1, 24, 40, generator=torch.Generator().manual_seed(1))
     for name in NAMES:
+        if name == "frost" and not HAS_FROST:
+            continue
         y = corrupt(gray, name, 3, 0)
         assert y.shape == gray.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+        assert not torch.equal(y, gray)
+
+
+@pytest.mark.skipif(not HAS_FROST, reason="needs the imagecorruptions package (extra 'corruptions')")
+def test_frost_textures_and_size_limit() -> None:
+    textures = frost_textures()
+    assert [t.shape for t in textures] == [(120, 180, 3), (63, 112, 3), (63, 112, 3), (70, 105, 3), (99, 132, 3)]
+    assert all(t.dtype == np.uint8 for t in textures)
+    with pytest.raises(ValueError, match="frost supports images up to 62x104"):
+        corrupt(torch.rand(1, 3, 64, 64), "frost", 1, 0)
+
+
+def test_legacy_random_state_follows_the_same_draws() -> None:
+    """A RandomState seeded s draws what the original's global np.random seeded s draws."""
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = corrupt(x, "gaussian_noise", 2, np.random.RandomState(5))
+    noise = np.random.RandomState(5).normal(size=(3, 32, 32, 3), scale=0.06)
+    assert np.allclose(y.permute(0, 2, 3, 1).numpy(), np.clip(x.permute(0, 2, 3, 1).numpy() + noise, 0, 1))
+    with pytest.raises(TypeError):
+        CORRUPTIONS["fog"](x, 1, 3)  # type: ignore[arg-type]
 
 
 def test_noise_matches_formula(images: torch.Tensor) -> None:
