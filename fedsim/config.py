@@ -96,9 +96,8 @@ class DataConfig(Section):
                 raise ValueError("partition shard needs data.shard_size, data.num_shards_per_partition or both")
             if info.field_name == "partition_sizes":
                 raise ValueError("required by partition size (one size per client of a domain)")
-        if info.field_name == "partition_sizes" and value is not None:
-            if not value or any(s < 1 for s in value):
-                raise ValueError(f"must be a non-empty list of sizes >= 1 (got {value})")
+        if info.field_name == "partition_sizes" and value is not None and (not value or any(s < 1 for s in value)):
+            raise ValueError(f"must be a non-empty list of sizes >= 1 (got {value})")
         return value
 
 

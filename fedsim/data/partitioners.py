@@ -105,13 +105,13 @@ def shard(labels: np.ndarray, num_partitions: int, num_shards_per_partition: int
             shard_size = int(n / num_shards_used)
             if shard_size < 1:
                 raise PartitionError(f"data.num_shards_per_partition: {num_partitions} clients x {num_shards_per_partition} shards is more than the {n} samples{where}")
-            usable = int(math.ceil(n / shard_size)) if keep_incomplete_shard else int(math.floor(n / shard_size))
+            usable = math.ceil(n / shard_size) if keep_incomplete_shard else math.floor(n / shard_size)
         else:
-            usable = int(math.floor(n / shard_size))
+            usable = math.floor(n / shard_size)
     else:
         if shard_size is None:
             raise PartitionError("data.shard_size: give data.shard_size or data.num_shards_per_partition for partition shard")
-        num_shards_used = int(math.ceil(n / shard_size)) if keep_incomplete_shard else int(math.floor(n / shard_size))
+        num_shards_used = math.ceil(n / shard_size) if keep_incomplete_shard else math.floor(n / shard_size)
         usable = num_shards_used
         base = int(num_shards_used / num_partitions)
         per_partition = np.ones(num_partitions) * base
