@@ -217,17 +217,18 @@ def cmd_data_partitions(args: argparse.Namespace) -> int:
     from fedsim.config import ScenarioError, load_scenario
     from fedsim.data.loading import load_dataset, partitions
     from fedsim.data.partition_stats import count_partitions, format_counts, save_heatmap
+    from fedsim.outputs import check_file_target
 
     try:
         out = Path(args.out) if args.out else None
         if out is not None and out.suffix.lower() != ".png":
             raise BadInput(f"--out {out}: must end in .png")
-        if out is not None and out.exists() and (out.is_dir() or not args.overwrite):
-            raise BadInput(f"--out {out}: is a folder" if out.is_dir() else f"--out {out}: exists; pass --overwrite to replace it")
+        if out is not None:
+            check_file_target(out, args.overwrite)  # UnsafeOutput is a ScenarioError
         scenario = load_scenario(args.scenario, args.overrides)
-        out = out or Path(f"{scenario.name}-partitions.png")
-        if out.exists() and (out.is_dir() or not args.overwrite):
-            raise BadInput(f"{out}: is a folder" if out.is_dir() else f"{out}: exists; pass --overwrite to replace it (or --out elsewhere)")
+        if out is None:
+            out = Path(f"{scenario.name}-partitions.png")
+            check_file_target(out, args.overwrite)
         dataset = load_dataset(scenario.data)
     except (ScenarioError, BadInput) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -68,10 +68,16 @@ def test_refuses_to_overwrite_and_bad_input(tmp_path, capsys):
     png.write_bytes(b"user's file")
     assert main(["data", "partitions", str(scenario_file), "--out", str(png)]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"error: --out {png}: exists; pass --overwrite to replace it"
+    assert err.strip() == f"error: {png}: exists; pass --overwrite to replace it or --out to choose another path"
+    assert main(["data", "partitions", str(scenario_file), "--out", str(png), "--overwrite"]) == 2  # not fedsim's file
+    assert "fedsim did not write it" in capsys.readouterr().err
     assert png.read_bytes() == b"user's file"
-    assert main(["data", "partitions", str(scenario_file), "--out", str(png), "--overwrite"]) == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    assert main(["data", "partitions", str(scenario_file), "--out", str(png)]) == 0
+    first = png.read_bytes()
+    assert main(["data", "partitions", str(scenario_file), "--out", str(png)]) == 2
+    assert main(["data", "partitions", str(scenario_file), "--out", str(png), "--overwrite"]) == 0  # its own PNG: replaced
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.read_bytes() == first
     capsys.readouterr()
 
     other = tmp_path / "other.png"
