@@ -1,4 +1,4 @@
-"""Command line: ``fedsim run | adapt | list | report | data show``.
+"""Command line: ``fedsim run | adapt | list | report | data show | data partitions``.
 
 Exit codes: 0 done, 2 bad input (scenario, override, path), 1 failure while running.
 """
@@ -211,6 +211,38 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_data_partitions(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fedsim.config import ScenarioError, load_scenario
+    from fedsim.data.loading import load_dataset, partitions
+    from fedsim.data.partition_stats import count_partitions, format_counts, save_heatmap
+    from fedsim.outputs import check_file_target
+
+    try:
+        out = Path(args.out) if args.out else None
+        if out is not None and out.suffix.lower() != ".png":
+            raise BadInput(f"--out {out}: must end in .png")
+        if out is not None:
+            check_file_target(out, args.overwrite)  # UnsafeOutput is a ScenarioError
+        scenario = load_scenario(args.scenario, args.overrides)
+        if out is None:
+            out = Path(f"{scenario.name}-partitions.png")
+            check_file_target(out, args.overwrite)
+        dataset = load_dataset(scenario.data)
+    except (ScenarioError, BadInput) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    labels = {d: np.asarray(s.y_train) for d, s in dataset.domains.items()}
+    counts = count_partitions(partitions(scenario.data, scenario.seed), labels, dataset.class_names or [str(c) for c in range(dataset.num_classes)])
+    data = scenario.data
+    print(f"{scenario.name}: {dataset.name}, partition {data.partition}, {len(counts.main_domain)} clients, seed {scenario.seed}")
+    print(format_counts(counts))
+    path = save_heatmap(counts, out, f"{scenario.name}: {dataset.name}, partition {data.partition}, seed {scenario.seed}")
+    print(f"heat map: {path}")
+    return EXIT_OK
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, *, out_help: str, resume_help: str) -> None:
     """The arguments every command that runs a scenario into a run folder takes
     (``fedsim run``, ``fedsim edge demo``): scenario, overrides, --out, --overwrite, --resume."""
@@ -253,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--overwrite", action="store_true", help="replace a grid fedsim wrote there before")
     show.add_argument("--split", default="train", choices=["train", "test"])
     show.set_defaults(func=cmd_data_show)
+    parts = dsub.add_parser("partitions", help="per-client counts by label and domain, and a heat map PNG")
+    parts.add_argument("scenario", help="scenario whose data section and seed to use")
+    parts.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parts.add_argument("--out", help="heat map PNG (default <scenario name>-partitions.png)")
+    parts.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
+    parts.set_defaults(func=cmd_data_partitions)
     return p
 
 

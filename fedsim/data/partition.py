@@ -8,6 +8,14 @@ keeps a global test set (the domain's test part). Schemes:
 - ``dirichlet``: label skew. For each class, proportions over the clients are drawn from
   Dirichlet(``alpha``); within each domain unless ``options.mix_domains`` pools all domains.
 - ``iid``: uniform shards; within each domain, or of the pooled data with ``mix_domains``.
+- flwr-datasets' partitioners, same names and parameters (:mod:`fedsim.data.partitioners`):
+  ``pathological`` (k classes per client), ``shard`` (sorted-by-label shards), quantity
+  skew ``linear`` / ``square`` / ``exponential`` / ``size``. Like ``dirichlet`` they are
+  applied to each domain separately (a domain's ``clients_per_domain`` clients are the
+  ``num_partitions``), or once to the pooled domains with ``mix_domains``. Quantity skew
+  cuts a seeded permutation of the pool, as flwr-datasets cuts its shuffled dataset.
+  Samples these partitioners leave out (unused classes, the incomplete last shard, what
+  ``partition_sizes`` does not cover) belong to no client.
 
 Everything is a pure function of the labels, the data config and the seed.
 """
@@ -19,12 +27,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedsim.data import partitioners
+from fedsim.data.partitioners import PartitionError
+
 if TYPE_CHECKING:
     from fedsim.config import DataConfig, Scenario
 
-
-class PartitionError(ValueError):
-    """A partition that cannot be made (e.g. more clients than samples)."""
+__all__ = ["ClientPartition", "PartitionError", "count_clients", "make_partitions", "mix_domains"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,36 @@ def _dirichlet_shards(labels: np.ndarray, indices: np.ndarray, parts: int, alpha
     raise PartitionError(f"dirichlet alpha={alpha} leaves a client with fewer than {min_size} samples after {tries} draws; raise data.alpha or lower data.clients_per_domain")
 
 
+def _label_shards(cfg: DataConfig, labels: np.ndarray, indices: np.ndarray, parts: int, rng: np.random.Generator, min_size: int, where: str) -> list[np.ndarray]:
+    """``parts`` disjoint index arrays (subsets of ``indices``) by ``cfg.partition``."""
+    if cfg.partition == "iid":
+        return _iid_shards(indices, parts, rng)
+    if cfg.partition == "dirichlet":
+        return _dirichlet_shards(labels, indices, parts, cfg.alpha, rng, min_size)
+    pool = labels[indices]
+    if cfg.partition == "pathological":
+        positions = partitioners.pathological(pool, parts, int(cfg.num_classes_per_partition or 0), cfg.class_assignment_mode or "random", rng, where)
+    elif cfg.partition == "shard":
+        positions = partitioners.shard(pool, parts, cfg.num_shards_per_partition, cfg.shard_size, bool(cfg.keep_incomplete_shard), rng, where)
+    elif cfg.partition in partitioners.SIZE_FUNCTIONS or cfg.partition == "size":
+        if cfg.partition == "size":
+            sizes = list(cfg.partition_sizes or [])
+            if len(sizes) != parts:
+                raise PartitionError(f"data.partition_sizes: needs one size per client ({parts}{where}), got {len(sizes)}")
+        else:
+            sizes = partitioners.id_to_size(len(pool), parts, cfg.partition, where).tolist()
+        # flwr-datasets cuts its shuffled dataset (FederatedDataset shuffles by default).
+        order = rng.permutation(len(pool))
+        positions = [np.sort(order[p]) for p in partitioners.contiguous(len(pool), sizes, where)]
+    else:
+        raise PartitionError(f"data.partition: {cfg.partition} does not split a domain into clients")
+    out = [np.sort(indices[p]) for p in positions]
+    for k, p in enumerate(out):
+        if len(p) < min_size:
+            raise PartitionError(f"data.partition: {cfg.partition} gives client {k}{where} {len(p)} sample(s), fewer than the {min_size} a client needs (one train, one test); lower data.clients_per_domain or change its parameters")
+    return out
+
+
 def make_partitions(labels: dict[str, np.ndarray], cfg: DataConfig, seed: int) -> list[ClientPartition]:
     """Partition the train parts of the domains (``labels``: domain -> train labels, in
     domain order) into ``len(labels) * cfg.clients_per_domain`` clients."""
@@ -112,10 +151,7 @@ def make_partitions(labels: dict[str, np.ndarray], cfg: DataConfig, seed: int) -
         pooled_labels = np.concatenate([labels[d] for d in domains])
         all_idx = np.arange(len(pooled_labels))
         n = len(domains) * per
-        if cfg.partition == "iid":
-            pooled = _iid_shards(all_idx, n, rng)
-        else:
-            pooled = _dirichlet_shards(pooled_labels, all_idx, n, cfg.alpha, rng, min_size)
+        pooled = _label_shards(cfg, pooled_labels, all_idx, n, rng, min_size, " of the pooled domains")
         for s in pooled:
             shards.append({d: s[(s >= offsets[i]) & (s < offsets[i + 1])] - offsets[i] for i, d in enumerate(domains)})
     else:
@@ -123,10 +159,10 @@ def make_partitions(labels: dict[str, np.ndarray], cfg: DataConfig, seed: int) -
             idx = np.arange(len(labels[d]))
             if len(idx) < per * min_size:
                 raise PartitionError(f"data.clients_per_domain: {per} clients need at least {per * min_size} samples but domain '{d}' has {len(idx)}")
-            if cfg.partition == "dirichlet":
-                parts = _dirichlet_shards(labels[d], idx, per, cfg.alpha, rng, min_size)
-            else:
+            if cfg.partition == "by-domain":
                 parts = _iid_shards(idx, per, rng)
+            else:
+                parts = _label_shards(cfg, labels[d], idx, per, rng, min_size, f" in domain '{d}'")
             shards.extend({d: p} for p in parts)
 
     clients = []
