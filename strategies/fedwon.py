@@ -3,7 +3,7 @@
 The model side is ``model.normalization: none`` (fedsim.models): every normalization layer
 removed, every convolution a :class:`fedsim.models.layers.ScaledWSConv2d` (scaled weight
 standardization, learnable per-channel gain, gamma for ReLU); fully connected layers stay
-plain. The client side is adaptive gradient clipping (:mod:`fedsim.agc`) in every local
+plain. The client side is adaptive gradient clipping (:mod:`fedsim.engine.agc`) in every local
 optimizer step. The server side is FedAvg (weighted by ``num-examples``).
 
 FedWon expects ``model.normalization: none``: with norm layers left in, this is FedAvg +
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 
-from fedsim.agc import DEFAULT_EPS, DEFAULT_LAMBDA
-from fedsim.engine.hooks import ClientHooks
+from fedsim.engine.agc import DEFAULT_EPS, DEFAULT_LAMBDA
+from fedsim.engine.hooks import ClientHooks, hooks_path
 from strategies import STRATEGIES
 from strategies.fedavg import FedAvg
 
@@ -36,14 +36,14 @@ class FedWon(FedAvg):
     """FedAvg aggregation over a normalization-free model, AGC on the clients.
 
     Parameters: ``agc_lambda`` (clip factor; FedWon's own value is **unconfirmed**, NFNets'
-    0.01 is for batch 4096, default :data:`fedsim.agc.DEFAULT_LAMBDA`; 0 turns AGC off),
+    0.01 is for batch 4096, default :data:`fedsim.engine.agc.DEFAULT_LAMBDA`; 0 turns AGC off),
     ``agc_eps`` (floor of a weight row's norm, 1e-3), ``agc_exclude`` (comma-separated
     parameter-name prefixes not clipped, default none), ``strict`` (raise instead of warn
     when the model still has BatchNorm), and every :class:`FedAvg` argument
     (``fraction_train`` for cross-device sampling, ...).
     """
 
-    client_hooks = "strategies.fedwon:FedWonClient"
+    client_hooks = hooks_path(FedWonClient)
 
     def __init__(self, agc_lambda: float = DEFAULT_LAMBDA, agc_eps: float = DEFAULT_EPS, agc_exclude: str = "", strict: bool = False, **kwargs) -> None:
         if agc_lambda < 0:

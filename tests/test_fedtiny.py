@@ -21,7 +21,7 @@ from fedsim.cli import main
 from fedsim.engine.checkpoint import load_latest
 from fedsim.engine.hooks import TASK_KEY
 from fedsim.models import build_model
-from fedsim.sparsity import (
+from strategies.fedtiny.sparsity import (
     IDX,
     VAL,
     active_counts,

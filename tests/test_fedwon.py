@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import write_scenario
-from fedsim.agc import adaptive_clip_, agc_settings, unitwise_norm
+from fedsim.engine.agc import adaptive_clip_, agc_settings, unitwise_norm
 from fedsim.cli import main
 from fedsim.engine.hooks import ClientHooks
 from fedsim.models import build_model

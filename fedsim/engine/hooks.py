@@ -21,6 +21,12 @@ HOOKS_KEY = "fedsim.client"
 TASK_KEY = "fedsim.task"  # in an evaluate message: run hooks.run_task instead of evaluating
 
 
+def hooks_path(cls: type) -> str:
+    """The import path ``module:Class`` under which the engine finds a client-hooks class
+    (derived, not spelled out, so that moving a module cannot leave a stale path)."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 class ClientHooks:
     """FedAvg's client: load every received array, train, send every array back.
 
@@ -60,7 +66,7 @@ class ClientHooks:
     def before_step(self, model: nn.Module) -> None:
         """After backward, before the optimizer step. Applies adaptive gradient clipping
         when the config has ``agc-lambda`` > 0 (any strategy: ``client.agc_lambda``)."""
-        from fedsim.agc import agc_settings, clip_model_
+        from fedsim.engine.agc import agc_settings, clip_model_
 
         lam, eps, exclude = agc_settings(self.config)
         if lam > 0:

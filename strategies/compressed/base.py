@@ -64,7 +64,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
-from flwr.app import Message as FlowerMessage  # ours, Message, is the compressed payload
+from flwr.app import (
+    Message as FlowerMessage,  # ours, Message, is the compressed payload
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
@@ -255,12 +257,6 @@ def server_rng(seed: int, server_round: int) -> np.random.Generator:
 
 def spec_text(c: Compressor) -> str:
     return json.dumps(c.spec(), sort_keys=True)
-
-
-def hooks_path(cls: type) -> str:
-    """The import path ``module:Class`` under which the engine finds a client-hooks class
-    (derived, not spelled out, so that moving a module cannot leave a stale path)."""
-    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def keep_fraction(c: Compressor, d: int) -> float:

@@ -52,13 +52,13 @@ from typing import Any
 import numpy as np
 
 from fedsim.arrays import NamedArrays
+from fedsim.engine.hooks import hooks_path
 from strategies import STRATEGIES
 from strategies.compressed.base import (
     CompressedClient,
     CompressedStrategy,
     Message,
     check_same_shape,
-    hooks_path,
     send,
     state_array,
     vector,

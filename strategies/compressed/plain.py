@@ -14,8 +14,15 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedsim.arrays import NamedArrays
+from fedsim.engine.hooks import hooks_path
 from strategies import STRATEGIES
-from strategies.compressed.base import CompressedClient, CompressedStrategy, Message, hooks_path, send, vector
+from strategies.compressed.base import (
+    CompressedClient,
+    CompressedStrategy,
+    Message,
+    send,
+    vector,
+)
 from strategies.compressed.compressors import Compressor
 
 __all__ = ["compressed_client_step", "compressed_server_mean", "CompressedPlainClient", "Compressed"]
