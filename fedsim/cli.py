@@ -71,6 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.engine.runtimes import RUNTIMES
     from fedsim.engine.server import FederatedRun, RunFailure
     from fedsim.results import RunFolder, plot_accuracy, summarize
+    from fedsim.validate import check_out_folder
 
     console = Console(stderr=False)
     created = False
@@ -86,8 +87,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides = list(args.overrides)
             if args.scenario and "=" in args.scenario and not Path(args.scenario).exists():
                 raise BadInput(f"{args.scenario}: scenario file not found (overrides come after the scenario file)")
+            if args.out:  # before the (slower) scenario checks: fail fast
+                check_out_folder(args.out)
             scenario = load_scenario(args.scenario, overrides)
             out = Path(args.out) if args.out else Path("runs") / scenario.name
+            check_out_folder(out)
             existed = out.exists()
             run = RunFolder.create(out, scenario, overwrite=args.overwrite)
             created = not existed

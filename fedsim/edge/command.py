@@ -95,6 +95,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedsim.edge.dashboard import ProgressReader
     from fedsim.edge.processes import DeploymentError
     from fedsim.results import RunFolder
+    from fedsim.validate import check_out_folder
 
     console = Console()
     try:
@@ -104,8 +105,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         else:
             if not args.scenario:
                 raise ScenarioError("fedsim edge demo: give a scenario file or --resume RUN_FOLDER")
+            if args.out:
+                check_out_folder(args.out)
             scenario, edge = _load(args)
             out = Path(args.out) if args.out else Path("runs") / f"{scenario.name}-edge"
+            check_out_folder(out)
             run = RunFolder.create(out, scenario, overwrite=args.overwrite)
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -229,10 +233,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from fedsim.config import ScenarioError
     from fedsim.edge.processes import DeploymentError
+    from fedsim.validate import check_out_folder
 
     console = Console()
     try:
         scenario, edge = _load(args)
+        check_out_folder(args.out or Path("runs") / f"{scenario.name}-deployment")
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -92,6 +92,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     from fedsim.config import ScenarioError
     from fedsim.tta.deploy import open_model_run
+    from fedsim.validate import check_out_folder
 
     console = Console()
     try:
@@ -100,6 +101,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         name, cfg = load_adaptation_file(args.scenario, list(args.overrides))
         model_run = open_model_run(args.model)
         out = Path(args.out) if args.out else model_run.path / f"adapt-{name}"
+        check_out_folder(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             if not args.overwrite:
                 raise ScenarioError(f"{out}: output folder exists; pass --overwrite to replace it or --out to choose another")
