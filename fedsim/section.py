@@ -77,8 +77,9 @@ class Section(BaseModel):
         if field is not None:
             where = misplaced_bool(field.annotation, value)
             if where is not None:
-                got = value if where == "" else "a boolean item"
-                raise ValueError(f"{where + ': ' if where else ''}a boolean is not allowed here (got {got!r})")
+                if where:
+                    raise ValueError(f"item {where} is a boolean, which is not allowed here")
+                raise ValueError(f"a boolean is not allowed here (got {value!r})")
         return value
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -138,11 +139,13 @@ def check_model(scenario: Scenario, source: str, dataset: Any) -> None:
             if key not in known:
                 _fail(source, f"model.args.{key}", f"unknown argument of {getattr(factory, '__name__', m.name)}{did_you_mean(key, known)}")
     try:
-        model = build_model(m.name, dataset.num_classes, dataset.channels, dataset.image_size, m.normalization, m.args, seed=scenario.seed)
+        with warnings.catch_warnings():  # e.g. torch on zero-sized layers: the error below says it in one line
+            warnings.simplefilter("ignore")
+            model = build_model(m.name, dataset.num_classes, dataset.channels, dataset.image_size, m.normalization, m.args, seed=scenario.seed)
     except Exception as exc:  # noqa: BLE001 - a factory may raise anything on bad args
         _fail(source, "model.args", f"{getattr(factory, '__name__', m.name)} rejects these arguments: {_one_line(exc)}")
     if not isinstance(model, nn.Module):
-        _fail(source, "model.name", f"'{m.name}' built a {type(model).__name__}, not a torch nn.Module")
+        _fail(source, "model.name", f"'{m.name}' returned a value of type {type(model).__name__}, not a torch nn.Module")
     if not any(True for _ in model.parameters()):
         _fail(source, "model.args", f"'{m.name}' has no parameters to train")
     x = torch.zeros(2, dataset.channels, dataset.image_size, dataset.image_size)
