@@ -72,7 +72,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
     def construct_yaml_int(self, node: Any) -> int:
-        digits = sum(ch.isdigit() for ch in str(node.value))
+        digits = len(str(node.value).replace("_", "").lstrip("+-"))  # hex/octal/binary too
         if digits > MAX_INT_DIGITS:
             raise YAMLInputError(f"{_line(node)}: integer of {digits} digits (at most {MAX_INT_DIGITS})")
         return super().construct_yaml_int(node)

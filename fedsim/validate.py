@@ -195,13 +195,21 @@ def check_data(scenario: Scenario, source: str) -> Any:
     return dataset
 
 
+def check_cuda(device: str | None, key: str, source: str) -> None:
+    """``device: cuda`` needs CUDA here; without it the run would fail after starting."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        _fail(source, key, "cuda, but CUDA is not available on this machine (use cpu or auto)")
+
+
 def check_resources(scenario: Scenario, source: str) -> None:
     """CUDA where a section asks for it; a local Ray cluster can hold one client."""
     import torch
 
-    wants_cuda = [key for key, device in (("device", scenario.device), ("adaptation.device", scenario.adaptation.device if scenario.adaptation else None)) if device == "cuda"]
-    if wants_cuda and not torch.cuda.is_available():
-        _fail(source, wants_cuda[0], "cuda, but CUDA is not available on this machine (use cpu or auto)")
+    check_cuda(scenario.device, "device", source)
+    if scenario.adaptation is not None:
+        check_cuda(scenario.adaptation.device, "adaptation.device", source)
     rt = scenario.runtime
     if rt.name == "ray" and rt.address is None:  # a local cluster of this machine's resources
         cpus = os.cpu_count() or 1

@@ -196,3 +196,11 @@ def test_valid_scenario_still_loads(toy_yaml):
     toy_yaml.write_text(text)
     scenario = load_scenario(toy_yaml, ["client.lr=1e-3", "seed=18446744073709551615"])
     assert scenario.client.lr == 1e-3 and scenario.seed == 2**64 - 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_adapt_cuda_without_cuda(tmp_path, capsys):
+    adaptation = {"adapter": "tent", "device": "cuda", "stream": {"corruptions": ["gaussian_noise"]}}
+    path = write_scenario(tmp_path / "a.yaml", adaptation=adaptation)
+    err = bad(["adapt", str(path), "--model", str(tmp_path / "nowhere")], capsys)
+    assert err == f"error: {path}: adaptation.device: cuda, but CUDA is not available on this machine (use cpu or auto)"

@@ -26,6 +26,7 @@ def load_adaptation_file(path: str | Path, overrides: list[str] | None = None) -
     from pydantic import ValidationError
 
     from fedsim.config import Scenario, ScenarioError, apply_overrides, read_yaml, validation_error_line
+    from fedsim.validate import check_cuda
 
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides or [])
@@ -35,6 +36,7 @@ def load_adaptation_file(path: str | Path, overrides: list[str] | None = None) -
         raise ScenarioError(validation_error_line(str(path), exc)) from None
     if scenario.adaptation is None:
         raise ScenarioError(f"{path}: adaptation: required key is missing (fedsim adapt needs an adaptation section)")
+    check_cuda(scenario.adaptation.device, "adaptation.device", str(path))
     return scenario.name, scenario.adaptation
 
 
