@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,19 +33,30 @@ def _quiet_libraries() -> None:
 
 def _progress(console, total_rounds: int, done: int):
     """A progress bar over rounds showing the current accuracy, and a line per evaluation."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     progress = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), console=console)
     task = progress.add_task("rounds", total=total_rounds, completed=done, acc="")
 
     def on_round(record: dict[str, Any]) -> None:
-        acc = record.get("accuracy")
-        doms = "  ".join(f"{d}={a:.3f}" for d, a in (record.get("per_domain") or {}).items())
+        acc = _fmt(record.get("accuracy"))  # None when every evaluation reply was dropped
+        doms = "  ".join(f"{d}={_fmt(a, 3)}" for d, a in (record.get("per_domain") or {}).items())
         fails = f"  failures={len(record['failures'])}" if record.get("failures") else ""
-        progress.console.print(f"round {record['round']:>3}/{total_rounds}  acc={acc:.4f}  {doms}  up={record['bytes_up'] / 1e6:.2f}MB  {record['wall_s']:.1f}s{fails}")
-        progress.update(task, completed=record["round"], acc=f"accuracy {acc:.4f}")
+        progress.console.print(f"round {record['round']:>3}/{total_rounds}  acc={acc}  {doms}  up={record['bytes_up'] / 1e6:.2f}MB  {record['wall_s']:.1f}s{fails}")
+        progress.update(task, completed=record["round"], acc=f"accuracy {acc}")
 
     return progress, on_round
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    """A metric for the terminal; '-' when a round produced none."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _final_table(console, records: list[dict[str, Any]], title: str) -> None:
@@ -59,8 +69,8 @@ def _final_table(console, records: list[dict[str, Any]], title: str) -> None:
     table.add_column("domain")
     table.add_column("accuracy", justify="right")
     for d, a in (last.get("per_domain") or {}).items():
-        table.add_row(d, f"{a:.4f}")
-    table.add_row("[b]mean[/b]", f"[b]{last['accuracy']:.4f}[/b]")
+        table.add_row(d, _fmt(a))
+    table.add_row("[b]mean[/b]", f"[b]{_fmt(last.get('accuracy'))}[/b]")
     console.print(table)
 
 
@@ -74,13 +84,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.validate import check_out_folder
 
     console = Console(stderr=False)
-    created = False
     try:
         if args.resume:
             if args.scenario or args.overrides:
                 raise BadInput("--resume takes only the run folder; its scenario.yaml is used as saved")
             run, scenario = RunFolder.open(args.resume)
-            resume = True
+            resume, created = True, False
         else:
             if not args.scenario:
                 raise BadInput("fedsim run: give a scenario file or --resume RUN_FOLDER")
@@ -92,9 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             scenario = load_scenario(args.scenario, overrides)
             out = Path(args.out) if args.out else Path("runs") / scenario.name
             check_out_folder(out)
-            existed = out.exists()
+            # an empty folder the user made is used, but never removed after a failure
+            created = not (out.is_dir() and not out.is_symlink() and not any(out.iterdir()))
             run = RunFolder.create(out, scenario, overwrite=args.overwrite)
-            created = not existed
             resume = False
     except (ScenarioError, BadInput) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -113,18 +122,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        print(f"interrupted; continue with: fedsim run --resume {run.path}", file=sys.stderr)
+        print(f"interrupted; {_after_failure(run, created)}", file=sys.stderr)
         return EXIT_FAILURE
-    except Exception as exc:  # noqa: BLE001 - report, keep the run folder for --resume
-        if created and not run.read_metrics() and not (run.checkpoints.exists()):
-            shutil.rmtree(run.path, ignore_errors=True)
-        print(f"error: run failed: {type(exc).__name__}: {exc} (continue with: fedsim run --resume {run.path})", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - one line; keep what can be resumed
+        print(f"error: run failed: {type(exc).__name__}: {exc} ({_after_failure(run, created)})", file=sys.stderr)
         if os.environ.get("FEDSIM_DEBUG"):
             raise
         return EXIT_FAILURE
     records = run.read_metrics()
-    run.write_summary(summarize(records, scenario, time.perf_counter() - t0))
-    plot_accuracy(records, run.plot_file, f"{scenario.name} ({scenario.strategy.name})")
+    try:
+        run.write_summary(summarize(records, scenario, time.perf_counter() - t0))
+        plot_accuracy(records, run.plot_file, f"{scenario.name} ({scenario.strategy.name})")
+    except OSError as exc:  # e.g. a full disk: the rounds and checkpoints already on disk stay
+        print(f"error: writing the summary of {run.path} failed: {exc} ({len(records)} evaluated rounds kept in {run.metrics_file}; {_resume_advice(run)})", file=sys.stderr)
+        return EXIT_FAILURE
     _final_table(console, records, f"{scenario.name}: final accuracy (round {records[-1]['round'] if records else '-'})")
     console.print(f"done in {time.perf_counter() - t0:.1f}s; results in {run.path}")
     if scenario.adaptation is not None:  # test-time adaptation phase (fedsim.tta)
@@ -132,6 +143,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return adapt_after_run(run, scenario, str(args.scenario or run.scenario_file), console)
     return EXIT_OK
+
+
+def _resume_advice(run: Any) -> str:
+    return f"continue with: fedsim run --resume {run.path}" if run.resumable() else "no round was checkpointed, so there is nothing to resume"
+
+
+def _after_failure(run: Any, created: bool) -> str:
+    """What happened to the run folder after a failed run, as advice that is true: a folder
+    this process created is removed when nothing resumable is in it; --resume is advised
+    only when a checkpoint exists (and the folder is then kept)."""
+    if run.resumable():
+        return f"continue with: fedsim run --resume {run.path}"
+    if created and run.discard():
+        return f"nothing was checkpointed; {run.path} removed"
+    return f"nothing was checkpointed; run folder kept: {run.path}"
 
 
 # -- list / report / data ---------------------------------------------------------------
@@ -154,11 +180,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fedsim.report import compare_runs, markdown_table
+    from fedsim.outputs import UnsafeOutput
+    from fedsim.report import compare_runs, report_paths, write_table
 
+    runs = [Path(p) for p in args.runs]
     try:
-        rows, domains, plot = compare_runs([Path(p) for p in args.runs], Path(args.out) if args.out else None)
-    except (FileNotFoundError, ValueError) as exc:
+        plot_path, md_path = report_paths(runs, Path(args.out) if args.out else None, args.overwrite)
+        rows, domains, plot = compare_runs(runs, plot_path)
+    except (FileNotFoundError, ValueError, UnsafeOutput) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     table = Table(title="fedsim report (final evaluated round)")
@@ -168,10 +197,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         table.add_row(r["run"], r["strategy"], str(r["round"]), *[f"{r['per_domain'].get(d, float('nan')):.4f}" for d in domains], f"{r['accuracy']:.4f}", f"{r['best']:.4f}", f"{r['bytes_up'] / 1e6:.2f}", f"{r['bytes_down'] / 1e6:.2f}")
     console = Console() if sys.stdout.isatty() else Console(width=240)
     console.print(table)
-    md_path = Path(plot).with_suffix(".md") if plot else None
-    if md_path:
-        md_path.write_text(markdown_table(rows, domains))
-        print(f"plot: {plot}\ntable: {md_path}")
+    write_table(md_path, rows, domains)
+    print(f"plot: {plot}\ntable: {md_path}")
     return EXIT_OK
 
 
@@ -179,8 +206,10 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     from fedsim.config import DataConfig, ScenarioError, load_scenario
     from fedsim.data.loading import load_dataset
     from fedsim.data.show import save_domain_grid
+    from fedsim.outputs import check_file_target
 
     try:
+        check_file_target(Path(args.out), args.overwrite)  # UnsafeOutput is a ScenarioError
         cfg = load_scenario(args.scenario, args.overrides).data if args.scenario else DataConfig()
         dataset = load_dataset(cfg)
     except ScenarioError as exc:
@@ -198,7 +227,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, out_help: str, resume_
     parser.add_argument("scenario", nargs="?", help="scenario YAML file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--out", help=out_help)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing fedsim run folder (never a folder holding other files)")
     parser.add_argument("--resume", metavar="RUN_FOLDER", help=resume_help)
 
 
@@ -221,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="side-by-side table and plot of runs")
     rep.add_argument("runs", nargs="+")
-    rep.add_argument("--out", help="plot PNG path (default: report.png next to the first run)")
+    rep.add_argument("--out", help="plot PNG path; the table goes next to it as .md (default: report.png next to the first run)")
+    rep.add_argument("--overwrite", action="store_true", help="replace a report fedsim wrote there before")
     rep.set_defaults(func=cmd_report)
 
     d = sub.add_parser("data", help="dataset tools")
@@ -230,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("scenario", nargs="?", help="scenario whose data section to use (default: built-in digits5)")
     show.add_argument("overrides", nargs="*")
     show.add_argument("--out", default="digits5_domains.png")
+    show.add_argument("--overwrite", action="store_true", help="replace a grid fedsim wrote there before")
     show.add_argument("--split", default="train", choices=["train", "test"])
     show.set_defaults(func=cmd_data_show)
     return p

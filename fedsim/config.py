@@ -185,6 +185,19 @@ class Scenario(Section):
     adaptation: AdaptationConfig | None = Field(None, description="test-time adaptation after training (docs/tta.md)")
     edge: EdgeConfig | None = Field(None, description="the edge demo on Flower's deployment runtime (docs/edge.md)")
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_path_component(cls, value: str) -> str:
+        # the name becomes a folder (runs/<name>, runs/<name>-edge, adapt-<name>): it must
+        # never reach outside runs/ or name runs/ itself
+        if not value.strip():
+            raise ValueError("must not be empty")
+        if len(value) > 100:
+            raise ValueError(f"at most 100 characters (got {len(value)})")
+        if value in (".", "..") or any(c in value for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError(f"must be one folder name: no '/', '\\', control characters, '.' or '..' (got {value!r})")
+        return value
+
     @field_validator("runtime", mode="before")
     @classmethod
     def _runtime_shorthand(cls, value: Any) -> Any:

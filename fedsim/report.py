@@ -5,10 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fedsim.arrays import atomic_write_bytes
+from fedsim.outputs import MD_HEADER, PNG_SOFTWARE, UnsafeOutput, check_file_target, md_written_by_fedsim
 from fedsim.results import RunFolder
 
 
-def compare_runs(paths: list[Path], plot_path: Path | None = None) -> tuple[list[dict[str, Any]], list[str], Path | None]:
+def report_paths(paths: list[Path], out: Path | None, overwrite: bool) -> tuple[Path, Path]:
+    """The plot and table paths (default ``report.png`` / ``report.md`` next to the first run),
+    checked before anything is written: an existing file is replaced only with ``overwrite``
+    and only if fedsim wrote it (:class:`~fedsim.outputs.UnsafeOutput` otherwise)."""
+    plot = out if out is not None else paths[0].parent / "report.png"
+    if plot.suffix.lower() != ".png":
+        raise UnsafeOutput(f"{plot}: --out must be a .png path (the table goes next to it as .md)")
+    table = plot.with_suffix(".md")
+    check_file_target(plot, overwrite)
+    check_file_target(table, overwrite, owned=md_written_by_fedsim(table))
+    return plot, table
+
+
+def write_table(path: Path, rows: list[dict[str, Any]], domains: list[str]) -> None:
+    """The markdown table, with the first-line comment that lets a later report replace it."""
+    atomic_write_bytes(path, (MD_HEADER + "\n" + markdown_table(rows, domains)).encode())
+
+
+def compare_runs(paths: list[Path], plot_path: Path) -> tuple[list[dict[str, Any]], list[str], Path | None]:
     rows, domains, curves = [], [], []
     for path in paths:
         run = RunFolder(path)
@@ -30,7 +50,6 @@ def compare_runs(paths: list[Path], plot_path: Path | None = None) -> tuple[list
             "bytes_up": last["bytes_up_total"], "bytes_down": last["bytes_down_total"],
         })
         curves.append((str(path), [r["round"] for r in records], [r["accuracy"] for r in records], [r["bytes_up_total"] for r in records]))
-    plot_path = plot_path or paths[0].parent / "report.png"
     from matplotlib.figure import Figure  # Agg, no pyplot state
 
     fig = Figure(figsize=(11, 4))
@@ -42,7 +61,7 @@ def compare_runs(paths: list[Path], plot_path: Path | None = None) -> tuple[list
     a2.set_xlabel("cumulative MB up"); a2.set_ylabel("mean accuracy"); a2.grid(alpha=0.3)
     a1.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(plot_path, dpi=110)
+    fig.savefig(plot_path, dpi=110, metadata={"Software": PNG_SOFTWARE})
     return rows, domains, plot_path
 
 

@@ -2,7 +2,9 @@
 
 ``runs/<name>/``: ``scenario.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per
 evaluated round), ``summary.json``, ``checkpoints/``, ``clients/`` (client state),
-``accuracy.png``. An existing folder is never overwritten unless asked.
+``accuracy.png``, and ``.fedsim`` (the marker saying fedsim created it). An existing folder
+is never overwritten unless asked, and then only when it is provably a fedsim run folder
+(:mod:`fedsim.outputs`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import importlib.metadata
 import json
 import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Any
 
 from fedsim.arrays import atomic_write_bytes
 from fedsim.config import Scenario, ScenarioError, build_scenario, read_yaml, scenario_to_yaml
+from fedsim.engine.checkpoint import complete_rounds
+from fedsim.outputs import create_folder, ownership_problem, remove_owned
 
 
 class RunFolder:
@@ -31,14 +34,24 @@ class RunFolder:
 
     @classmethod
     def create(cls, path: str | Path, scenario: Scenario, overwrite: bool = False) -> RunFolder:
+        """A fresh run folder; with ``overwrite`` an existing fedsim run folder is replaced
+        (anything else raises :class:`~fedsim.outputs.UnsafeOutput`)."""
         run = cls(path)
-        if run.path.exists() and any(run.path.iterdir()):
-            if not overwrite:
-                raise ScenarioError(f"{run.path}: run folder exists; pass --overwrite to replace it, --resume {run.path} to continue it, or --out to choose another")
-            shutil.rmtree(run.path)
-        run.path.mkdir(parents=True, exist_ok=True)
+        create_folder(run.path, "run", overwrite, f"{run.path}: run folder exists; pass --overwrite to replace it, --resume {run.path} to continue it, or --out to choose another")
         atomic_write_bytes(run.scenario_file, scenario_to_yaml(scenario).encode())
         return run
+
+    def resumable(self) -> bool:
+        """Whether ``--resume`` can continue this folder from a checkpoint."""
+        return self.scenario_file.is_file() and bool(complete_rounds(self.checkpoints))
+
+    def discard(self) -> bool:
+        """Remove this folder if it is a fedsim run folder with nothing resumable in it (a
+        start that failed before its first checkpoint); returns whether it was removed."""
+        if not self.path.is_dir() or self.resumable() or ownership_problem(self.path, "run"):
+            return False
+        remove_owned(self.path, "run")
+        return True
 
     @classmethod
     def open(cls, path: str | Path) -> tuple[RunFolder, Scenario]:

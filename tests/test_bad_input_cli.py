@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_scenario
+
 from fedsim.cli import main
 from fedsim.config import MAX_MESSAGE
 
@@ -23,7 +23,7 @@ BOMB = "[" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"&{chr(98 + i)} ["
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def one_line(err: str) -> str:

@@ -1,4 +1,4 @@
-"""Tests for fedsim.compression: wire formats, operator properties, byte counts, factory."""
+"""Tests for strategies.compressed.compressors (and the flat-vector layout of .base): wire formats, operator properties, byte counts, factory."""
 
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from fedsim.compression import (
+from strategies.compressed.base import flatten, unflatten
+from strategies.compressed.compressors import (
     QSGD,
     Compressor,
     Identity,
     RandK,
     ScaledSign,
     TopK,
-    flatten,
     index_dtype,
     make_compressor,
-    unflatten,
 )
 
 
@@ -160,25 +159,54 @@ def test_randomised_compressors_need_rng() -> None:
 # ------------------------------------------------------------------------------ qsgd
 
 
-@pytest.mark.parametrize(("s", "dtype"), [(1, np.int8), (16, np.int8), (127, np.int8), (128, np.int16)])
-def test_qsgd_levels_and_dtype(s: int, dtype: type) -> None:
+@pytest.mark.parametrize(("s", "bits"), [(1, 1), (2, 2), (3, 2), (4, 3), (16, 5), (127, 7), (128, 8), (1000, 10)])
+def test_qsgd_levels_and_bytes(s: int, bits: int) -> None:
     d = 300
     x = _x(d, s)
     c = QSGD(s)
+    assert c.level_bits == bits == math.ceil(math.log2(s + 1))
     payload = c.encode(x, np.random.default_rng(1))
-    levels = payload["levels"]
-    assert levels.dtype == np.dtype(dtype) and levels.shape == (d,)
+    assert set(payload) == {"norm", "codes"}
     assert payload["norm"].dtype == np.float32 and payload["norm"].shape == (1,)
-    assert np.abs(levels.astype(np.int64)).max() <= s
+    levels = c.unpack(payload["codes"], d)
+    assert np.abs(levels).max() <= s
     norm = np.linalg.norm(x.astype(np.float64))
     r = s * np.abs(x.astype(np.float64)) / norm
-    lev = np.abs(levels.astype(np.int64))
+    lev = np.abs(levels)
     # each level is floor(r) or floor(r) + 1, sign preserved
     assert np.all((lev == np.floor(r)) | (lev == np.floor(r) + 1))
     assert np.all((np.sign(levels) == np.sign(x)) | (levels == 0))
     out = c.decode(payload, d)
     np.testing.assert_allclose(out, norm * levels / s, rtol=1e-6)
-    assert c.nbytes(payload) == 4 + d * np.dtype(dtype).itemsize
+    # a sign bit and b level bits per coordinate, bit-packed, plus the float32 norm
+    assert c.nbytes(payload) == 4 + math.ceil(d * (1 + bits) / 8)
+
+
+@pytest.mark.parametrize(("s", "d"), [(1, 1), (2, 7), (4, 64), (16, 1001), (255, 33)])
+def test_qsgd_encoder_round_trip_and_byte_count(s: int, d: int) -> None:
+    """The payload is a real encoding: its bytes, parsed back on their own, give the same
+    quantized values as the quantizer drew, and the reported bytes are their length."""
+    x = _x(d, d + s)
+    c = QSGD(s)
+    norm, levels = c.quantize(x, np.random.default_rng(3))
+    payload = c.encode(x, np.random.default_rng(3))
+    wire = payload["norm"].tobytes() + payload["codes"].tobytes()
+    assert c.nbytes(payload) == len(wire)
+    # receiver side: only the bytes and (s, d) are known
+    got_norm = np.frombuffer(wire[:4], dtype=np.float32)[0]
+    got_levels = c.unpack(np.frombuffer(wire[4:], dtype=np.uint8), d)
+    assert got_norm == norm
+    np.testing.assert_array_equal(got_levels, levels)
+    np.testing.assert_array_equal(c.decode({"norm": np.array([got_norm]), "codes": np.frombuffer(wire[4:], np.uint8)}, d), c.compress(x, np.random.default_rng(3)))
+
+
+def test_qsgd_bit_layout() -> None:
+    """s = 2 (b = 2): levels [-1, 2, 0] are sign|level bits 1|01 0|10 0|00, MSB first, zero padded."""
+    c = QSGD(2)
+    assert c.pack(np.array([-1, 2, 0])).tolist() == [0b10101000, 0b00000000]
+    np.testing.assert_array_equal(c.unpack(np.array([0b10101000, 0], np.uint8), 3), [-1, 2, 0])
+    with pytest.raises(ValueError):
+        c.unpack(np.zeros(3, np.uint8), 3)
 
 
 def test_qsgd_unbiased() -> None:

@@ -100,7 +100,7 @@ def test_protocol_in_process_equals_simulation(tmp_path: Path, reset: str) -> No
     n = scenario.num_clients
     contexts = {500 + i: Context(run_id=1, node_id=500 + i, node_config={"partition-id": i, "num-partitions": n, "state-dir": str(out)}, state=RecordDict(), run_config={}) for i in range(n)}
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
-    run_cloud(InlineGrid(client_app, contexts), {"scenario": "", "run-dir": str(out)})
+    run_cloud(InlineGrid(client_app, contexts), {"scenario": "", "run-dir": str(out), "resume": True})  # as the demo submits
     assert accuracies(out) == accuracies(tmp_path / "sim")
     assert per_edge_errors(out) == per_edge_errors(tmp_path / "sim")
     assert batch_scores(out) == batch_scores(tmp_path / "sim")  # every batch, CEMA's uploads and cloud rounds too
@@ -158,7 +158,8 @@ def test_app_declared_for_flwr_run() -> None:
     conf = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert isinstance(import_object(conf["components"]["serverapp"]), ServerApp)
     assert isinstance(import_object(conf["components"]["clientapp"]), ClientApp)
-    assert set(conf["config"]) == {"scenario", "run-dir"}
+    assert set(conf["config"]) == {"scenario", "run-dir", "resume"}
+    assert conf["config"]["resume"] is False  # a re-submission never silently reuses a run folder
 
 
 # -- end to end on Flower's deployment runtime ----------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for fedsim.error_feedback.
+"""Tests for the error-feedback algebra of strategies.compressed (ef21, econtrol, plain).
 
 The library functions are replayed on small heterogeneous problems and compared with a
 DIRECT transcription of the update equations written inline here (loops over clients, plain
@@ -12,25 +12,26 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from fedsim.compression import Compressor, Identity, RandK, ScaledSign, TopK
-from fedsim.error_feedback import (
+from strategies.compressed.base import model_step
+from strategies.compressed.compressors import Compressor, Identity, RandK, ScaledSign, TopK
+from strategies.compressed.econtrol import (
     EControlClientState,
     EControlServerState,
-    EF21ClientState,
-    EF21ServerState,
-    compressed_client_step,
-    compressed_server_mean,
     econtrol_client_step,
     econtrol_init_client,
     econtrol_server_step,
+)
+from strategies.compressed.ef21 import (
+    EF21ClientState,
+    EF21ServerState,
     ef21_client_scale,
     ef21_client_step,
     ef21_init_client,
     ef21_server_step,
     ef21_sgdm_client_step,
     ef21_weights,
-    model_step,
 )
+from strategies.compressed.plain import compressed_client_step, compressed_server_mean
 
 N = 5
 Grad = Callable[[int, np.ndarray], np.ndarray]

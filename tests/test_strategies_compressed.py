@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from fedsim.arrays import load_arrays
-from fedsim.compression import TopK, index_dtype
 from fedsim.config import ScenarioError, build_scenario
 from fedsim.data.loading import partitions
 from fedsim.engine.checkpoint import load_latest
 from fedsim.engine.runtimes import run_inline
 from fedsim.engine.server import FederatedRun
 from fedsim.results import RunFolder
-from strategies._compressed_common import split_keys
+from strategies.compressed.base import split_keys
+from strategies.compressed.compressors import TopK, index_dtype
 
 
 def scenario(strategy: str, args: dict | None = None, rounds: int = 2, **extra):

@@ -1,6 +1,6 @@
 """Replay: the Flower strategy objects (configure_train / aggregate_train) and their client
 hooks, driven by hand on a tiny model, against a direct re-computation with the pure
-reference functions of fedsim.error_feedback (partial participation, a dropped reply,
+reference functions of strategies.compressed.{plain,ef21,econtrol} (partial participation, a dropped reply,
 compressed downlink with catch-up increments, resume through state_dict)."""
 
 from __future__ import annotations
@@ -15,15 +15,32 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from fedsim import error_feedback as ef
 from fedsim.arrays import numpy_to_record, record_to_numpy
-from fedsim.compression import Identity, flatten, make_compressor, unflatten
 from fedsim.engine.client_state import ClientState
 from fedsim.engine.hooks import HOOKS_KEY
-from strategies._compressed_common import CompressedClient, client_rng, server_rng, split_keys
-from strategies.compressed import Compressed
-from strategies.econtrol import EControl
-from strategies.ef21 import EF21
+from fedsim.registry import import_object
+from strategies.compressed.base import client_rng, flatten, model_step, server_rng, split_keys, unflatten
+from strategies.compressed.compressors import Identity, make_compressor
+from strategies.compressed.econtrol import (
+    EControl,
+    EControlClientState,
+    EControlServerState,
+    econtrol_client_step,
+    econtrol_init_client,
+    econtrol_server_step,
+)
+from strategies.compressed.ef21 import (
+    EF21,
+    EF21ClientState,
+    EF21ServerState,
+    ef21_client_scale,
+    ef21_client_step,
+    ef21_init_client,
+    ef21_server_step,
+    ef21_sgdm_client_step,
+    ef21_weights,
+)
+from strategies.compressed.plain import Compressed, compressed_client_step, compressed_server_mean
 
 N = 6
 ROUNDS = 5
@@ -65,7 +82,7 @@ def drive(strategy, tmp_path, rounds=range(1, ROUNDS + 1), arrays=None):
             m.metadata.__dict__["_message_id"] = f"{rnd}-{cid}"
             config = dict(m.content["config"])
             received = record_to_numpy(m.content["arrays"])
-            hooks = CompressedClient(config)
+            hooks = import_object(config[HOOKS_KEY])(config)  # as the engine resolves it
             state = ClientState(tmp_path / "run", cid, rnd)
             net = Tiny()
             hooks.load(net, received, state)
@@ -90,12 +107,12 @@ def drive(strategy, tmp_path, rounds=range(1, ROUNDS + 1), arrays=None):
 
 
 def reference(method, up, down, log, kw, W0):
-    """Direct re-computation with fedsim.error_feedback on flat vectors."""
+    """Direct re-computation with the methods' pure functions on flat vectors."""
     d = W0.size
     x, W = W0.copy(), W0.copy()
     clients: dict[int, object] = {}
     srv = np.zeros(d, np.float32)
-    weights = ef.ef21_weights(kw["smoothness"], N) if kw.get("smoothness") else None
+    weights = ef21_weights(kw["smoothness"], N) if kw.get("smoothness") else None
     for rnd, sampled, _ in log:
         init = kw.get("init", "full") == "full" and rnd == 1 and method != "none"
         msgs, ex = {}, {}
@@ -103,34 +120,34 @@ def reference(method, up, down, log, kw, W0):
             u = (W - (W - update(rnd, cid, d)).astype(np.float32)).astype(np.float32)
             rng = client_rng(0, rnd, cid)
             if method == "none":
-                msg, new = ef.compressed_client_step(u, up, rng), None
+                msg, new = compressed_client_step(u, up, rng), None
             elif method == "ef21":
-                scale = 1.0 if weights is None else ef.ef21_client_scale(weights, cid)
+                scale = 1.0 if weights is None else ef21_client_scale(weights, cid)
                 mom = kw.get("momentum")
                 if init:
-                    msg, new = ef.ef21_init_client(u, None, rng, scale=scale, momentum=bool(mom))
+                    msg, new = ef21_init_client(u, None, rng, scale=scale, momentum=bool(mom))
                 else:
-                    st = clients.get(cid) or ef.EF21ClientState.zeros(d, momentum=bool(mom))
-                    msg, new = ef.ef21_sgdm_client_step(st, u, up, mom, rng, scale=scale) if mom else ef.ef21_client_step(st, u, up, rng, scale=scale)
+                    st = clients.get(cid) or EF21ClientState.zeros(d, momentum=bool(mom))
+                    msg, new = ef21_sgdm_client_step(st, u, up, mom, rng, scale=scale) if mom else ef21_client_step(st, u, up, rng, scale=scale)
             else:
                 if init:
-                    msg, new = ef.econtrol_init_client(u)
+                    msg, new = econtrol_init_client(u)
                 else:
-                    st = clients.get(cid) or ef.EControlClientState.zeros(d)
-                    msg, new = ef.econtrol_client_step(st, u, up, kw["eta"], rng)
+                    st = clients.get(cid) or EControlClientState.zeros(d)
+                    msg, new = econtrol_client_step(st, u, up, kw["eta"], rng)
             if (rnd, cid) in DROP:
                 continue  # the server never sees it: the client's effective state is unchanged
             clients[cid] = new
             msgs[cid], ex[cid] = msg.decoded, 10.0 + cid
         if method == "none":
-            direction = ef.compressed_server_mean(msgs, ex)
+            direction = compressed_server_mean(msgs, ex)
         elif method == "ef21":
-            srv = ef.ef21_server_step(ef.EF21ServerState(srv), msgs, N, weights).g
+            srv = ef21_server_step(EF21ServerState(srv), msgs, N, weights).g
             direction = srv
         else:
-            srv = ef.econtrol_server_step(ef.EControlServerState(srv), msgs, N).h
+            srv = econtrol_server_step(EControlServerState(srv), msgs, N).h
             direction = srv
-        x = ef.model_step(x, direction, kw.get("server_lr", 1.0))
+        x = model_step(x, direction, kw.get("server_lr", 1.0))
         if isinstance(down, Identity):
             W = x.copy()
         else:

@@ -19,7 +19,7 @@ from fedsim.engine.checkpoint import load_latest
 from fedsim.models import norm_state_keys
 from fedsim.tta.config import AdaptationConfig
 from fedsim.tta.deploy import ModelRunError, deploy_model, open_model_run
-from fedsim.tta.experiment import edge_stream
+from fedsim.tta.streams import edge_stream
 
 STREAM = {"corruptions": ["gaussian_noise", "contrast"], "severities": [3], "batch_size": 16, "samples_per_shift": 24}
 ADAPT = {"adapters": ["source", "tbn", {"name": "alpha_bn", "args": {"a": 0.3}}], "stream": STREAM, "edges": [0, 2]}

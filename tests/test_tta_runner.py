@@ -9,7 +9,7 @@ from torch import nn
 
 from adapters import build_adapter
 from adapters.base import Adapter
-from fedsim.tta.runner import plot_stream, run_stream
+from fedsim.tta.runner import _plot_on_axis, plot_stream, running_accuracy, run_stream
 from fedsim.tta.streams import build_stream
 
 
@@ -88,3 +88,28 @@ def test_cema_metrics_and_plot(tmp_path) -> None:  # type: ignore[no-untyped-def
     tbn = run_stream(build_adapter("tbn", small_bn_cnn()), stream, reset_on_new_shift=False)
     path = plot_stream([result, tbn], tmp_path / "stream.png")
     assert path.exists() and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_running_accuracy_from_the_start_and_distinguishable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from matplotlib.figure import Figure
+
+    rng = np.random.default_rng(2)
+    images = (rng.random((40, 16, 16, 3)) * 255).astype(np.uint8)
+    stream = build_stream(["gaussian_noise@2", "fog@1"], images=images, labels=rng.integers(0, 10, 40),
+                          protocol="continual", batch_size=1, seed=0)
+    a = run_stream(build_adapter("tbn", small_bn_cnn()), stream, reset_on_new_shift=False)
+    b = run_stream(build_adapter("tbn", small_bn_cnn()), stream, reset_on_new_shift=False)
+    a.adapter, b.adapter = "tbn", "tbn-copy"
+    seen, acc = running_accuracy(a)
+    correct = np.cumsum([bt.correct for bt in a.batches])
+    assert seen.tolist() == list(range(1, 81))  # two shifts of 40 samples at batch size 1
+    np.testing.assert_allclose(acc, correct / np.arange(1, 81))
+    assert acc[-1] == a.accuracy
+    ax = Figure().subplots()
+    _plot_on_axis(ax, [a, b])
+    main = [ln for ln in ax.lines if ln.get_label() in ("tbn: %.3f" % a.accuracy, "tbn-copy: %.3f" % b.accuracy)]
+    assert len(main) == 2  # equal results: two curves, told apart by style
+    assert len({(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in main}) == 2
+    assert all(len(ln.get_xdata()) == 80 and ln.get_xdata()[0] == 1 for ln in main)  # from the first sample
+    assert [t.get_text().strip() for t in ax.texts] == ["gaussian_noise@2", "fog@1"]
+    assert "online accuracy" == ax.get_ylabel() and "err" not in ax.get_legend().get_texts()[0].get_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,9 +32,18 @@ class DomainSplit:
     y_test: np.ndarray
 
 
+CorruptedSource = Callable[[str, int], tuple[ImageArray, np.ndarray]]
+"""``(corruption, severity) -> (uint8 images [N, H, W, C], int64 labels [N])``."""
+
+
 @dataclass
 class MultiDomainDataset:
-    """Domains in a fixed order, sharing one label space and one image shape."""
+    """Domains in a fixed order, sharing one label space and one image shape.
+
+    Optional capability: ``corrupted_source``, for a dataset that ships pre-corrupted test
+    sets (CIFAR-10-C): test streams then read a corruption shift from it instead of
+    generating the corruption.
+    """
 
     name: str
     domains: dict[str, DomainSplit]
@@ -42,6 +52,7 @@ class MultiDomainDataset:
     channels: int = 3
     class_names: list[str] = field(default_factory=list)
     notes: str = ""
+    corrupted_source: CorruptedSource | None = None
 
 
 # Loaders: callable(cfg: fedsim.config.DataConfig) -> MultiDomainDataset

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.data.base import MultiDomainDataset
+from fedsim.outputs import PNG_SOFTWARE
 
 
 def _pick(labels: np.ndarray, count: int, num_classes: int) -> list[int]:
@@ -81,5 +82,5 @@ def save_domain_grid(dataset: MultiDomainDataset, path: str | Path, per_domain: 
     fig.subplots_adjust(left=1.1 / width, right=0.99, top=1 - 0.45 / height, bottom=0.02, wspace=0.08, hspace=0.35)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    fig.savefig(out, format="png", metadata={"Software": PNG_SOFTWARE})  # lets --overwrite prove it is ours
     return out

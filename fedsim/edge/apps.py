@@ -91,16 +91,30 @@ class ProgressLog:
             fh.write(json.dumps({"event": event, "time": time.time(), **data}) + "\n")
 
 
+def _flag(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+
 def _open_run(run_config: dict[str, Any]) -> tuple[Any, Any, bool]:
-    """The run folder named by the run config: reused if it already holds this scenario
-    (the demo creates it first), else created from the scenario file."""
-    from fedsim.config import load_scenario
+    """The run folder named by the run config, and whether to resume it.
+
+    A new folder is created from the scenario file. An existing one is reused only when the
+    run config says ``resume=true`` (the demo does, for the folder it created) and the
+    submitted scenario, if any, is the one saved there; a re-submission without it is
+    refused like ``fedsim run`` into an existing folder, never silently re-run over."""
+    from fedsim.config import ScenarioError, load_scenario
     from fedsim.results import RunFolder
 
     scenario_file = str(run_config.get("scenario", ""))
     run_dir = Path(str(run_config.get("run-dir", "")) or f"runs/{Path(scenario_file).stem}-flwr").resolve()
     if (run_dir / "scenario.yaml").is_file():
+        if not _flag(run_config.get("resume", False)):
+            raise ScenarioError(f"{run_dir}: run folder exists; submit with --run-config 'resume=true' (same scenario) to continue it, or choose another run-dir")
         run, scenario = RunFolder.open(run_dir)
+        if scenario_file and Path(scenario_file).resolve() != run.scenario_file.resolve():
+            submitted = load_scenario(scenario_file)
+            if submitted.model_dump() != scenario.model_dump():
+                raise ScenarioError(f"{run_dir}: holds a different scenario than {scenario_file}; resume=true continues only the saved one (choose another run-dir)")
         return run, scenario, bool(run.read_metrics()) or run.checkpoints.exists()
     scenario = load_scenario(scenario_file)
     return RunFolder.create(run_dir, scenario, overwrite=False), scenario, False

@@ -43,6 +43,7 @@ clientapp = "fedsim.edge.apps:client_app"
 [tool.flwr.app.config]
 scenario = ""
 run-dir = ""
+resume = false
 """
 
 
@@ -127,13 +128,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code, message = EXIT_OK, ""
     try:
         deployment.start(edge.startup_timeout_s)
-        run_id = deployment.submit(app, {"scenario": str(run_dir / "scenario.yaml"), "run-dir": str(run_dir)})
+        run_id = deployment.submit(app, {"scenario": str(run_dir / "scenario.yaml"), "run-dir": str(run_dir), "resume": True})  # the folder made or resumed above
         console.print(f"submitted with flwr run: run id {run_id} (logs: {deployment.logs})")
         code, message = _follow(console, reader, deployment, run_id, edge, scenario.name, args.live, edge.run_timeout_s)
     except DeploymentError as exc:
         code, message = EXIT_FAILURE, f"error: {exc}"
     except (KeyboardInterrupt, _Interrupted):
-        code, message = EXIT_FAILURE, f"interrupted; every process stopped (continue with: fedsim edge demo --resume {run_dir})"
+        advice = f"continue with: fedsim edge demo --resume {run_dir}" if run.resumable() else f"nothing was checkpointed yet; start again with --overwrite, or fedsim edge demo --resume {run_dir} starts it from round 1"
+        code, message = EXIT_FAILURE, f"interrupted; every process stopped ({advice})"
     finally:
         stragglers = deployment.stop()
         signal.signal(signal.SIGTERM, old)
@@ -232,7 +234,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fedsim.config import ScenarioError
-    from fedsim.edge.processes import DeploymentError
+    from fedsim.edge.processes import DEPLOYMENT_ENTRIES, DeploymentError
+    from fedsim.outputs import UnsafeOutput, check_location
     from fedsim.validate import check_out_folder
 
     console = Console()
@@ -243,6 +246,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     workdir = Path(args.out or Path("runs") / f"{scenario.name}-deployment").resolve()
+    try:  # the SuperLink's database there is replaced at start: never in the user's own folders
+        check_location(workdir, "deployment")
+        if workdir.is_dir() and (foreign := sorted({p.name for p in workdir.iterdir()} - DEPLOYMENT_ENTRIES)):
+            raise UnsafeOutput(f"{workdir}: holds files fedsim did not write ({', '.join(foreign[:3])}); choose another --out")
+    except UnsafeOutput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     run_dir = workdir / "run"
     deployment = _deployment(workdir, run_dir, scenario, edge)
     old = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -271,12 +281,28 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedsim.edge.certs import make_certificates
+    from fedsim.outputs import (
+        MARKER,
+        UnsafeOutput,
+        check_location,
+        ownership_problem,
+        write_marker,
+    )
 
     out = Path(args.dir)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"error: {out}: folder is not empty; pass --overwrite to replace its certificates", file=sys.stderr)
+    try:  # only certificates fedsim wrote are replaced, only in a folder holding nothing else
+        check_location(out, "certificates")
+        if out.is_dir() and any(out.iterdir()):
+            if not args.overwrite:
+                raise UnsafeOutput(f"{out}: folder is not empty; pass --overwrite to replace the certificates fedsim wrote there")
+            if problem := ownership_problem(out, "certs"):
+                raise UnsafeOutput(f"{out}: certificates not replaced: {problem}")
+    except UnsafeOutput as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     paths = make_certificates(out, days=args.days)
+    if not (out / MARKER).exists():
+        write_marker(out, "certs")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     print(f"use them in a scenario:\n  edge:\n    tls: {{ca: {paths['ca']}, cert: {paths['cert']}, key: {paths['key']}}}")
     return EXIT_OK

@@ -83,6 +83,10 @@ def processes_with_token(token: str) -> list[int]:
     return pids
 
 
+# What a deployment working folder holds (``fedsim edge up`` refuses a folder with anything else,
+# since it replaces superlink.db there); the demo's is ``<run folder>/edge``.
+DEPLOYMENT_ENTRIES = frozenset({"flwr-home", "logs", "run", "superlink.db", "superlink.db-wal", "superlink.db-shm", "superlink.db-journal"})
+
 @dataclass
 class TLSFiles:
     ca: Path

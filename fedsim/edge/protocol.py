@@ -107,7 +107,7 @@ def _deploy(runtime: ClientRuntime, global_arrays: dict[str, np.ndarray], cid: i
 
 def _stream(runtime: ClientRuntime, cid: int, seed: int) -> tuple[list[Any], dict[str, Any], bool, int]:
     """This edge's stream for ``seed`` (batches), its record, reset policy and stream seed."""
-    from fedsim.tta.experiment import edge_stream, stream_record, stream_seed
+    from fedsim.tta.streams import edge_stream, stream_record, stream_seed
 
     cfg = _adaptation(runtime)
     domain = runtime.data.partition(cid).domain
@@ -119,7 +119,7 @@ def _stream(runtime: ClientRuntime, cid: int, seed: int) -> tuple[list[Any], dic
 
 def edge_adapt(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     """``query.adapt``: play this edge's stream through each on-device adapter."""
-    from fedsim.tta.experiment import play_stream
+    from fedsim.tta.players import play_stream
 
     config = _config(msg)
     cid = runtime.client_id(context)
@@ -289,12 +289,13 @@ class EdgePlayer:
     def _play_cema(self, seed: int, edges: list[int], spec: AdapterSpec) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]:
         from adapters import build_adapter
         from adapters.cema import CEMA
-        from fedsim.tta.experiment import _adapter_args, stream_seed
+        from fedsim.tta.players import adapter_args
+        from fedsim.tta.streams import stream_seed
 
         index = self.specs.index(spec)
         clouds: dict[int, CEMA] = {}
         for e in edges:
-            adapter = build_adapter(spec.name, self.models[e], **_adapter_args(spec, stream_seed(seed, e), self.foundation))
+            adapter = build_adapter(spec.name, self.models[e], **adapter_args(spec, stream_seed(seed, e), self.foundation))
             assert isinstance(adapter, CEMA)
             clouds[e] = adapter
         batches: dict[int, list[BatchRecord]] = {e: [] for e in edges}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,13 @@ def load_adaptation_file(path: str | Path, overrides: list[str] | None = None) -
     """
     from pydantic import ValidationError
 
-    from fedsim.config import Scenario, ScenarioError, apply_overrides, read_yaml, validation_error_line
+    from fedsim.config import (
+        Scenario,
+        ScenarioError,
+        apply_overrides,
+        read_yaml,
+        validation_error_line,
+    )
     from fedsim.validate import check_cuda
 
     path = Path(path)
@@ -93,6 +98,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fedsim.config import ScenarioError
+    from fedsim.outputs import MARKER, create_folder, remove_owned
     from fedsim.tta.deploy import open_model_run
     from fedsim.validate import check_out_folder
 
@@ -104,14 +110,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         model_run = open_model_run(args.model)
         out = Path(args.out) if args.out else model_run.path / f"adapt-{name}"
         check_out_folder(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            if not args.overwrite:
-                raise ScenarioError(f"{out}: output folder exists; pass --overwrite to replace it or --out to choose another")
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-    except ScenarioError as exc:
+        # an empty folder the user made is used, but never removed after a failure
+        created = not (out.is_dir() and not out.is_symlink() and not any(out.iterdir()))
+        create_folder(out, "adaptation", args.overwrite, f"{out}: output folder exists; pass --overwrite to replace it or --out to choose another")
+    except ScenarioError as exc:  # UnsafeOutput included
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    out.mkdir(parents=True, exist_ok=True)
     import yaml
 
     from fedsim.arrays import atomic_write_bytes
@@ -121,8 +125,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     sc = model_run.scenario
     console.print(f"[b]{name}[/b]: adapt {model_run.path} ({sc.strategy.name}, {sc.model.name} on {sc.data.dataset}, round {model_run.checkpoint.round}) -> {out}")
     code = _run_phase(model_run, cfg, out, name, args.scenario, console)
-    if code != EXIT_OK and not any(p.name != "adaptation.yaml" for p in out.iterdir()):
-        shutil.rmtree(out, ignore_errors=True)  # nothing was produced: leave no half folder
+    if code != EXIT_OK and created and not any(p.name not in ("adaptation.yaml", MARKER) for p in out.iterdir()):
+        remove_owned(out, "adaptation")  # nothing was produced: leave no half folder
     return code
 
 

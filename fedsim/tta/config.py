@@ -235,7 +235,6 @@ class AdaptationConfig(Section):
     reset: Literal["auto", "each-shift", "never"] = "auto"
     foundation: FoundationConfig = Field(default_factory=FoundationConfig)
     device: Literal["auto", "cpu", "cuda"] | None = None
-    plot_window: int = Field(10, ge=1, description="running-mean window (batches) of the plot")
 
     @field_validator("adapter", mode="before")
     @classmethod

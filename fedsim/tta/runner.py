@@ -185,46 +185,75 @@ def run_stream(adapter: Adapter, stream: Iterable[StreamBatch], reset_on_new_shi
     return result
 
 
-def _plot_on_axis(ax: Any, results: list[StreamResult], window: int, title: str | None = None) -> None:
-    for res in results:
-        seen = np.cumsum([b.samples for b in res.batches])
-        acc = np.array([b.accuracy for b in res.batches])
-        w = max(1, min(window, len(acc)))
-        smooth = np.convolve(acc, np.ones(w) / w, mode="valid") if len(acc) else acc
-        (line,) = ax.plot(seen[w - 1 :], smooth, label=f"{res.adapter} (err {1 - res.accuracy:.3f})")
-        ax.plot(seen, acc, color=line.get_color(), alpha=0.2, linewidth=0.8)
-    if results and results[0].batches:
-        first = results[0]
-        seen = np.cumsum([b.samples for b in first.batches])
-        starts = [0] + [i for i in range(1, len(first.batches)) if first.batches[i].segment != first.batches[i - 1].segment]
-        for i in starts:
-            x0 = seen[i - 1] if i else 0
-            ax.axvline(x0, color="k", linestyle="--", linewidth=0.6)
-            ax.text(x0, 1.01, first.batches[i].shift, rotation=45, fontsize=7, transform=ax.get_xaxis_transform(), ha="left")
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def running_accuracy(result: StreamResult) -> tuple[np.ndarray, np.ndarray]:
+    """(samples seen after each batch, online accuracy over every sample seen so far): the
+    running mean from the start of the stream, the quantity the online-TTA papers report."""
+    samples = np.array([b.samples for b in result.batches], dtype=np.int64)
+    correct = np.array([b.correct for b in result.batches], dtype=np.int64)
+    seen = np.cumsum(samples)
+    return seen, np.cumsum(correct) / np.maximum(seen, 1)
+
+
+def _shift_starts(result: StreamResult) -> list[int]:
+    batches = result.batches
+    return [0] + [i for i in range(1, len(batches)) if batches[i].segment != batches[i - 1].segment]
+
+
+def _plot_on_axis(ax: Any, results: list[StreamResult], title: str | None = None) -> None:
+    """Per adapter: the running online accuracy (bold) and each shift's accuracy (thin steps).
+    Adapters differ in colour, dash pattern and marker, so equal curves stay visible."""
+    for k, res in enumerate(results):
+        if not res.batches:
+            continue
+        seen, acc = running_accuracy(res)
+        style, marker = _STYLES[k % len(_STYLES)], _MARKERS[k % len(_MARKERS)]
+        x = np.concatenate([[0], seen])
+        (line,) = ax.plot(
+            seen, acc, linestyle=style, linewidth=1.8, marker=marker, markersize=4,
+            markevery=max(1, len(seen) // 8) if len(seen) > 1 else None,
+            label=f"{res.adapter}: {res.accuracy:.3f}", zorder=3 + k,  # dashed curves on top of solid ones
+        )
+        for seg in res.per_shift():
+            members = [i for i, b in enumerate(res.batches) if b.segment == seg["segment"]]
+            x0, x1 = x[members[0]], x[members[-1] + 1]
+            ax.hlines(seg["accuracy"], x0, x1, colors=line.get_color(), linestyles=style, linewidth=0.9, alpha=0.45)
+    first = next((r for r in results if r.batches), None)
+    if first is not None:
+        x = np.concatenate([[0], np.cumsum([b.samples for b in first.batches])])
+        for i in _shift_starts(first):
+            ax.axvline(x[i], color="0.3", linestyle=(0, (2, 2)), linewidth=0.7)
+            ax.text(x[i], 0.98, f" {first.batches[i].shift}", fontsize=7, transform=ax.get_xaxis_transform(), ha="left", va="top",
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})
     ax.set_xlabel("samples seen")
     ax.set_ylabel("online accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.grid(alpha=0.25)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="running accuracy (final)", title_fontsize=8, frameon=False)
     if title:
-        ax.set_title(title, fontsize=9, loc="right")
+        ax.set_title(title, fontsize=9, loc="left")
 
 
-def plot_stream(result: StreamResult | list[StreamResult], path: str | Path, window: int = 10) -> Path:
-    """PNG of online accuracy over the stream (per batch, and a running mean over ``window``
-    batches) for one or more results on the same stream, with shift boundaries marked."""
-    return plot_streams({"": result if isinstance(result, list) else [result]}, path, window)
+def plot_stream(result: StreamResult | list[StreamResult], path: str | Path) -> Path:
+    """PNG of online accuracy over the stream for one or more results on the same stream:
+    per adapter the running accuracy over every sample seen since the start (bold) and each
+    shift's accuracy (thin steps), shift boundaries marked and named."""
+    return plot_streams({"": result if isinstance(result, list) else [result]}, path)
 
 
-def plot_streams(panels: dict[str, list[StreamResult]], path: str | Path, window: int = 10) -> Path:
+def plot_streams(panels: dict[str, list[StreamResult]], path: str | Path) -> Path:
     """Like :func:`plot_stream`, one panel (row) per entry of ``panels`` (title -> results on
     one stream, e.g. one edge's stream with every adapter)."""
     from matplotlib.figure import Figure  # Agg, no pyplot state
 
     rows = max(1, len(panels))
-    fig = Figure(figsize=(10, 4 if rows == 1 else 3.2 * rows))
+    fig = Figure(figsize=(11, 4.2 if rows == 1 else 3.6 * rows))
     axes = fig.subplots(rows, 1, squeeze=False)
     for ax, (title, results) in zip(axes[:, 0], panels.items()):
-        _plot_on_axis(ax, results, window, title or None)
+        _plot_on_axis(ax, results, title or None)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

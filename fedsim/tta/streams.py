@@ -26,21 +26,22 @@ arguments give the same stream on every pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedsim.data.base import ImageArray, MultiDomainDataset
+from fedsim.config import Scenario
+from fedsim.data.base import CorruptedSource, ImageArray, MultiDomainDataset
+from fedsim.data.loading import load_dataset
+from fedsim.tta.config import CLEAN, AdaptationConfig
 from fedsim.tta.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 
 PROTOCOLS: tuple[str, ...] = ("reset-each-shift", "continual", "gradual", "mixed")
 GRADUAL_SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 
-CorruptedSource = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
-"""``(corruption, severity) -> (uint8 images [N, H, W, C], int labels [N])``."""
 
 
 @dataclass
@@ -322,3 +323,64 @@ def domain_sets(dataset: MultiDomainDataset, names: Sequence[str] | None = None)
     if missing:
         raise ValueError(f"dataset '{dataset.name}' has no domain(s) {missing}")
     return {n: (dataset.domains[n].x_test, np.asarray(dataset.domains[n].y_test)) for n in chosen}
+
+
+# A scenario's edge streams -------------------------------------------------------------
+
+
+def full_dataset(scenario: Scenario) -> MultiDomainDataset:
+    """The run's dataset with every domain (training may have used a subset)."""
+    if scenario.data.domains is None:
+        return load_dataset(scenario.data)
+    return load_dataset(scenario.data.model_copy(update={"domains": None}))
+
+
+def stream_seed(seed: int, client_id: int) -> int:
+    """The seed of edge ``client_id``'s stream: ``SeedSequence([seed, client_id])``."""
+    return int(np.random.SeedSequence([int(seed), int(client_id)]).generate_state(1)[0] % (2**31))
+
+
+def reset_on_new_shift(cfg: AdaptationConfig, stream: TestStream) -> bool:
+    if cfg.reset == "auto":
+        return stream.reset_between_shifts
+    return cfg.reset == "each-shift"
+
+
+def stream_record(cfg: AdaptationConfig, stream: TestStream, edge: int, domain: str, seed: int) -> tuple[dict[str, Any], bool]:
+    """The stream's record as results keep it, and whether the adapter resets between shifts."""
+    reset = reset_on_new_shift(cfg, stream)
+    record = stream.record()
+    record.update(edge=edge, domain=domain, base_seed=seed, reset_policy=cfg.reset, reset_on_new_shift=reset)
+    return record, reset
+
+
+def edge_stream(scenario: Scenario, cfg: AdaptationConfig, edge: int, domain: str, seed: int) -> TestStream:
+    """The stream of edge ``edge`` whose data is ``domain``: shifts of that domain's global
+    test set, as ``cfg.stream_for(edge)`` describes them. A dataset with pre-corrupted test
+    sets (``MultiDomainDataset.corrupted_source``) supplies the corruption shifts."""
+    ds = load_dataset(scenario.data)
+    split = ds.domains[domain]
+    st = cfg.stream_for(edge)
+    names = st.shift_names()
+    domains: dict[str, tuple[Any, np.ndarray]] = {}
+    for name in names:
+        if name == CLEAN:
+            domains[CLEAN] = (split.x_test, np.asarray(split.y_test))
+        elif name.partition("@")[0] not in CORRUPTIONS:
+            src = ds if name in ds.domains else full_dataset(scenario)
+            domains[name] = (src.domains[name].x_test, np.asarray(src.domains[name].y_test))
+    return build_stream(
+        names,
+        images=split.x_test,
+        labels=np.asarray(split.y_test),
+        domains=domains or None,
+        protocol=st.protocol,
+        batch_size=st.batch_size,
+        samples_per_shift=st.samples_per_shift,
+        num_classes=ds.num_classes,
+        dirichlet_delta=st.dirichlet_delta,
+        shuffle_slots=st.shuffle_slots,
+        seed=seed,
+        corrupted_source=ds.corrupted_source,
+        quantize=st.quantize,
+    )

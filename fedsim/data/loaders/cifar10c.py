@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.config import DataConfig, ScenarioError
-from fedsim.data.base import DATASETS, DomainSplit, ImageArray, MultiDomainDataset
+from fedsim.data.base import DATASETS, CorruptedSource, DomainSplit, ImageArray, MultiDomainDataset
 from fedsim.data.loaders._files import DataSource, Options, resolve_root, select_domains, to_rgb_uint8
 from fedsim.data.loaders.cifar10 import load_cifar10_arrays
 
@@ -129,4 +129,15 @@ def load_cifar10c_dataset(cfg: DataConfig) -> MultiDomainDataset:
         image_size=cfg.image_size,
         class_names=names,
         notes=f"train: clean CIFAR-10 (shared); test: CIFAR-10-C severity {severity}; root {root}",
+        corrupted_source=_corrupted_source(folder, cfg.image_size),
     )
+
+
+def _corrupted_source(folder: Path, size: int) -> CorruptedSource:
+    """Test streams read corruption shifts from the CIFAR-10-C files, resized like the domains."""
+
+    def read(corruption: str, severity: int) -> tuple[ImageArray, np.ndarray]:
+        images, labels = load_cifar10c(folder, corruption, severity)
+        return (images if size == 32 else to_rgb_uint8(np.asarray(images), size)), labels
+
+    return read

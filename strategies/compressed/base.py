@@ -1,12 +1,27 @@
-"""Shared machinery of the compressed-communication strategies ``compressed``, ``ef21`` and
-``econtrol`` (see docs/compression.md for the full description).
+"""The compressed-uplink protocol shared by every compressed method (docs/compression.md).
+
+A method is one module of this package (:mod:`strategies.compressed.plain`,
+:mod:`strategies.compressed.ef21`, :mod:`strategies.compressed.econtrol`) holding its
+equations as pure functions, its client side (a :class:`CompressedClient` implementing
+:meth:`CompressedClient.client_step`) and its server side (a :class:`CompressedStrategy`
+implementing :meth:`CompressedStrategy.server_step`). This module owns what they share and
+names none of them: the wire protocol, the per-client buffers across rounds, the downlink,
+BatchNorm handling and byte accounting (docs/extending.md shows a new method in one file).
 
 What is compressed
     The client's model update over the round, taken as a descent direction,
     ``u_i = W - x_i^local`` (``W`` the model the client started from), over every
-    floating-point tensor of the model except BatchNorm running statistics. The server
-    steps ``x+ = x - server_lr * direction``. The algebra is :mod:`fedsim.error_feedback`;
-    the compressors :mod:`fedsim.compression`. Nothing here re-derives either.
+    floating-point tensor of the model except BatchNorm running statistics, flattened to one
+    float32 vector (:func:`flatten`). The method's client step turns ``u_i`` and its buffers
+    into a compressed message (:mod:`strategies.compressed.compressors`); the server decodes
+    the messages, the method's server step turns them into a direction and the server steps
+    ``x+ = x - server_lr * direction`` (:func:`model_step`). All arithmetic is float32, as on
+    the wire.
+
+Round structure (identical to the papers' ``x^{t+1} = x^t - gamma g^t`` followed by clients
+compressing ``grad_i(x^{t+1}) - g_i^t``): the server broadcasts ``x``; sampled clients
+compute ``u_i`` at ``x`` and run their client step; the server applies its aggregate step
+and then the model step. ``n`` is the TOTAL number of clients, ``S`` those sampled.
 
 BatchNorm buffers (``running_mean``, ``running_var``, ``num_batches_tracked``)
     ``bn="average"`` (default): sent uncompressed next to the compressed payload and averaged
@@ -31,35 +46,185 @@ Dropped replies (failure, NaN, timeout)
     participation) and ``new.*`` (after it); every train message carries the round of the
     client's last accepted reply (``ef.ack``), from which the client picks the version the
     server's aggregate actually contains. The same holds for the public model ``W``.
+
+Bytes
+    Uplink: every reply array (the compressor's payload as the compressor sends it, plus
+    the dense BN arrays). Downlink: every array of each train message. Both next to the
+    dense equivalents, in the strategy metrics (docs/compression.md, "What is counted").
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from typing import Any
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+from flwr.app import Message as FlowerMessage  # ours, Message, is the compressed payload
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
-from fedsim import error_feedback as ef
 from fedsim.arrays import NamedArrays, numpy_to_record, record_to_numpy
-from fedsim.compression import Compressor, Identity, Layout, RandK, TopK, flatten, make_compressor, payload_nbytes, unflatten
 from fedsim.engine.client_state import ClientState
 from fedsim.engine.hooks import ClientHooks
 from fedsim.models import norm_state_keys
+from strategies.compressed.compressors import (
+    Compressor,
+    Identity,
+    Payload,
+    RandK,
+    TopK,
+    make_compressor,
+    payload_nbytes,
+)
 from strategies.fedavg import FedAvg
 
 UP = "__ef__/"  # reply payload array names: __ef__/<payload key>
 DOWN = "__down__/"  # downlink increments: __down__/<round>/<payload key>
 STATE = "ef"  # client state item
 DENSE_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-BUFFERS = {"none": (), "ef21": ("g", "v"), "econtrol": ("e", "h")}
 _SALT_UP, _SALT_DOWN = 0xEF21, 0xD0E1
+
+
+# ==========================================================================================
+# the algebra's shared pieces (pure functions on float32 vectors; they never mutate inputs)
+# ==========================================================================================
+
+
+@dataclass(frozen=True)
+class Message:
+    """One client's compressed message: the wire payload and its decoded dense vector."""
+
+    payload: Payload
+    decoded: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire (sum of the payload arrays' ``nbytes``)."""
+        return payload_nbytes(self.payload)
+
+
+def vector(x: np.ndarray, what: str) -> np.ndarray:
+    """``x`` as a flat float32 vector (no copy if it already is one); ``what`` names it in errors."""
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a flat vector, got shape {arr.shape}")
+    return arr.astype(np.float32, copy=False)
+
+
+def check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{what}: shapes differ ({a.shape} vs {b.shape})")
+
+
+def state_array(arrays: Mapping[str, np.ndarray], key: str, owner: str) -> np.ndarray:
+    """A float32 copy of buffer ``key`` of a stored state (for ``from_arrays``)."""
+    if key not in arrays:
+        raise ValueError(f"{owner}.from_arrays: missing array '{key}' (got {sorted(arrays)})")
+    return np.array(arrays[key], dtype=np.float32).reshape(-1)
+
+
+def send(x: np.ndarray, compressor: Compressor, rng: np.random.Generator | None) -> Message:
+    """Compress ``x``: the payload and ``C(x)`` as the receiver decodes it."""
+    payload = compressor.encode(x, rng)
+    return Message(payload, compressor.decode(payload, x.size))
+
+
+def weighted_sum(messages: Mapping[int, np.ndarray], n: int, weights: Sequence[float] | np.ndarray | None) -> np.ndarray | None:
+    """``sum_{i in S} w_i m_i`` in float32 over clients in ascending id order (None if empty);
+    ``weights`` of shape ``(n,)``, None meaning ``w_i = 1/n`` for the TOTAL ``n``."""
+    if n < 1:
+        raise ValueError(f"total number of clients n must be >= 1, got {n}")
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    if w is not None and w.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},), got {w.shape}")
+    acc: np.ndarray | None = None
+    for i in sorted(messages):
+        if not 0 <= i < n:
+            raise ValueError(f"client id {i} outside 0..{n - 1}")
+        wi = np.float32(1.0 / n if w is None else w[i])
+        term = wi * vector(messages[i], f"message of client {i}")
+        acc = term if acc is None else acc + term
+    return acc
+
+
+def model_step(x: np.ndarray, direction: np.ndarray, gamma: float) -> np.ndarray:
+    """Server model step ``x+ = x - gamma * direction`` (``direction``: the method's server
+    step result, e.g. EF21's ``g`` or EControl's ``h``; ``gamma``: ``server_lr``)."""
+    x = vector(x, "x")
+    direction = vector(direction, "direction")
+    check_same_shape(x, direction, "model_step")
+    return x - np.float32(gamma) * direction
+
+
+# ==========================================================================================
+# flat vectors of named arrays
+# ==========================================================================================
+
+
+@dataclass(frozen=True)
+class LayoutEntry:
+    """Where one named array lives in the flat vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Ordered description of a flattened dict of arrays (the dict's insertion order)."""
+
+    entries: tuple[LayoutEntry, ...]
+
+    @property
+    def size(self) -> int:
+        """Total length ``d`` of the flat vector."""
+        return sum(e.size for e in self.entries)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(e.name for e in self.entries)
+
+
+def flatten(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, Layout]:
+    """Concatenate named arrays (in the mapping's order) into one float32 vector.
+
+    Returns ``(vec, layout)``; :func:`unflatten` inverts it, casting each piece back to its
+    original dtype.  Intended for floating-point parameters/updates: integer buffers (e.g. BN
+    ``num_batches_tracked``) survive only while their values are exact in float32.
+    """
+    entries: list[LayoutEntry] = []
+    pieces: list[np.ndarray] = []
+    offset = 0
+    for name, arr in arrays.items():
+        a = np.asarray(arr)
+        shape = tuple(int(s) for s in a.shape)
+        entries.append(LayoutEntry(name, shape, a.dtype.str, offset, int(a.size)))
+        pieces.append(a.reshape(-1).astype(np.float32, copy=False))
+        offset += int(a.size)
+    vec = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    return vec.astype(np.float32, copy=False), Layout(tuple(entries))
+
+
+def unflatten(vec: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
+    """Split a flat vector back into named arrays of the shapes/dtypes in ``layout``."""
+    vec = np.asarray(vec)
+    if vec.shape != (layout.size,):
+        raise ValueError(f"vector has shape {vec.shape}, layout expects ({layout.size},)")
+    return {
+        e.name: vec[e.offset : e.offset + e.size].reshape(e.shape).astype(np.dtype(e.dtype))
+        for e in layout.entries
+    }
+
+
 
 
 def is_dense_key(name: str, floating: bool) -> bool:
@@ -92,6 +257,12 @@ def spec_text(c: Compressor) -> str:
     return json.dumps(c.spec(), sort_keys=True)
 
 
+def hooks_path(cls: type) -> str:
+    """The import path ``module:Class`` under which the engine finds a client-hooks class
+    (derived, not spelled out, so that moving a module cannot leave a stale path)."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 def keep_fraction(c: Compressor, d: int) -> float:
     """Fraction of coordinates a sparsifier keeps (1.0 for dense compressors)."""
     if isinstance(c, (TopK, RandK)):
@@ -104,12 +275,31 @@ def keep_fraction(c: Compressor, d: int) -> float:
 # ==========================================================================================
 
 
-class CompressedClient(ClientHooks):
-    """Client side of ``compressed`` / ``ef21`` / ``econtrol`` (settings from the message config)."""
+class CompressedClient(ClientHooks, ABC):
+    """Client side of the protocol: reconstructs the model it trains from, computes the
+    round's update ``u_i``, keeps the method's buffers across rounds (two versions, see
+    "Dropped replies" above) and replies with the method's compressed message.
+
+    A method implements :meth:`client_step` and lists its buffers in :attr:`buffers`;
+    settings arrive in the message config (``ef.*`` keys, put there by the strategy's
+    ``client_config`` / ``client_settings``).
+    """
+
+    buffers: ClassVar[tuple[str, ...]] = ()
+    """Names of the per-client vectors the method keeps between rounds (e.g. EF21's ``g``)."""
+
+    @abstractmethod
+    def client_step(self, u: np.ndarray, compressor: Compressor, rng: np.random.Generator, init: bool, state: NamedArrays) -> tuple[Message, NamedArrays]:
+        """One participation: ``(message, new buffers)`` from the update ``u`` (float32 [d]).
+
+        ``state``: the buffers the server's aggregate contains (a subset of :attr:`buffers`;
+        empty before the first accepted participation). ``init``: the round is the
+        uncompressed start (``init="full"``); ``compressor`` is then the identity.
+        ``rng``: this client's generator for this round (randomised compressors).
+        """
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        self.method = str(config.get("ef.method", "none"))
         self.bn = str(config.get("ef.bn", "average"))
         self.train = bool(config.get("ef.train", False))
         self._w: np.ndarray | None = None
@@ -207,8 +397,8 @@ class CompressedClient(ClientHooks):
         init = bool(cfg.get("ef.init", False))
         comp = Identity() if init else make_compressor(json.loads(str(cfg["ef.compressor"])))
         base_tag = "new" if "round" in self._st and int(self._st["round"][0]) == int(cfg.get("ef.ack", 0)) else "acc"
-        base = {b: self._st[f"{base_tag}.{b}"] for b in BUFFERS[self.method] if f"{base_tag}.{b}" in self._st}
-        msg, new = self._step(u, comp, rng, init, base)
+        base = {b: self._st[f"{base_tag}.{b}"] for b in self.buffers if f"{base_tag}.{b}" in self._st}
+        msg, new = self.client_step(u, comp, rng, init, base)
         out: NamedArrays = {"round": np.array([rnd], dtype=np.int64)}
         for b, v in base.items():
             out[f"acc.{b}"] = v
@@ -227,46 +417,25 @@ class CompressedClient(ClientHooks):
                 reply[k] = sd[k].detach().cpu().numpy()
         return reply
 
-    def _step(self, u: np.ndarray, comp: Compressor, rng: np.random.Generator, init: bool, base: NamedArrays) -> tuple[ef.Message, NamedArrays]:
-        cfg = self.config
-        d = u.size
-        if self.method == "none":
-            return ef.compressed_client_step(u, comp, rng), {}
-        if self.method == "ef21":
-            scale = float(cfg.get("ef.scale", 1.0))
-            mom = float(cfg.get("ef.momentum", 0.0))
-            if init:
-                msg, s = ef.ef21_init_client(u, None, rng, scale=scale, momentum=mom > 0)
-            else:
-                s0 = ef.EF21ClientState.from_arrays(base) if base else ef.EF21ClientState.zeros(d, momentum=mom > 0)
-                if mom > 0:
-                    if s0.v is None:
-                        s0 = ef.EF21ClientState(s0.g, np.zeros(d, np.float32))
-                    msg, s = ef.ef21_sgdm_client_step(s0, u, comp, mom, rng, scale=scale)
-                else:
-                    msg, s = ef.ef21_client_step(s0, u, comp, rng, scale=scale)
-            return msg, s.to_arrays()
-        if self.method == "econtrol":
-            if init:
-                msg, s2 = ef.econtrol_init_client(u, None, rng)
-            else:
-                s1 = ef.EControlClientState.from_arrays(base) if base else ef.EControlClientState.zeros(d)
-                msg, s2 = ef.econtrol_client_step(s1, u, comp, float(cfg.get("ef.eta", ef.ECONTROL_DEFAULT_ETA)), rng)
-            return msg, s2.to_arrays()
-        raise ValueError(f"unknown compressed method '{self.method}'")
-
 
 # ==========================================================================================
 # server side
 # ==========================================================================================
 
 
-class CompressedStrategy(FedAvg):
-    """Base of the compressed strategies; subclasses set ``method`` and the server algebra.
+class CompressedStrategy(FedAvg, ABC):
+    """Server side of the protocol: samples clients, sends the (possibly compressed) model,
+    decodes the replies, lets the method's :meth:`server_step` turn them into a direction,
+    steps the model, averages BN statistics and reports bytes.
+
+    A method sets :attr:`method` (its name in checkpoints), :attr:`client_hooks` (its
+    :class:`CompressedClient`, via :func:`hooks_path`), :attr:`default_init`,
+    :attr:`init_round` and implements :meth:`server_step`, keeping its server buffers in
+    ``self._srv`` (checkpointed; each reported as ``<name>_norm``).
 
     Parameters (besides Flower's FedAvg ones, e.g. ``fraction_train``):
         compressor: uplink compressor spec (``"topk:0.01"``, ``"randk:0.05"``, ``"qsgd:16"``,
-            ``"sign"``, ``"identity"`` or a dict; see :func:`fedsim.compression.make_compressor`).
+            ``"sign"``, ``"identity"`` or a dict; see :func:`strategies.compressed.compressors.make_compressor`).
         downlink: downlink compressor spec; ``"identity"`` sends the dense model.
         server_lr: gamma in ``x+ = x - gamma * direction`` (1.0: a FedAvg-like step).
         seed: seeds Rand-K / QSGD draws (per round and client); set it to the scenario seed.
@@ -277,9 +446,14 @@ class CompressedStrategy(FedAvg):
         downlink_history: increments the server keeps for clients catching up.
     """
 
-    method = "none"
-    client_hooks = "strategies._compressed_common:CompressedClient"
-    default_init = "zero"
+    method: ClassVar[str]
+    """The method's name, stored in checkpoints (a resume must not switch methods)."""
+    client_hooks: ClassVar[str]
+    """``hooks_path(<the method's CompressedClient>)``."""
+    default_init: ClassVar[str] = "zero"
+    init_round: ClassVar[bool] = True
+    """Whether ``init="full"`` means an uncompressed first round with every client (methods
+    without client buffers have nothing to initialise and ignore it)."""
 
     def __init__(
         self,
@@ -311,7 +485,6 @@ class CompressedStrategy(FedAvg):
         self.downlink_history = int(downlink_history)
         self.compress_down = not isinstance(self.down, Identity)
         self.client_config: dict[str, Any] = {
-            "ef.method": self.method,
             "ef.compressor": spec_text(self.up),
             "ef.downlink": spec_text(self.down),
             "ef.bn": bn,
@@ -319,7 +492,7 @@ class CompressedStrategy(FedAvg):
         }
         # server state (see state_dict)
         self._n = 0
-        self._srv: dict[str, np.ndarray] = {}  # g (EF21) / h (EControl)
+        self._srv: dict[str, np.ndarray] = {}  # the method's server buffers (EF21's g, EControl's h)
         self._x: np.ndarray | None = None  # server model (== public W unless downlink is compressed)
         self._accepted = np.zeros(0, np.int64)  # round of each client's last aggregated reply (0: none)
         self._version = np.zeros(0, np.int64)  # public model version each client holds (-1: none)
@@ -334,14 +507,16 @@ class CompressedStrategy(FedAvg):
         self._init_round = False
         self._down_stats = {"bytes_down_payload": 0, "bytes_down_dense": 0, "num_resync": 0}
 
-    # -- helpers subclasses override ---------------------------------------------------------
-    def client_settings(self, client_id: int) -> dict[str, Any]:
-        """Per-client config entries (EF21-W's scale)."""
-        return {}
-
+    # -- what a method provides -----------------------------------------------------------------
+    @abstractmethod
     def server_step(self, decoded: dict[int, np.ndarray], examples: dict[int, float]) -> np.ndarray:
-        """Update the server buffers from the decoded messages; return the model direction."""
-        return ef.compressed_server_mean(decoded, examples)
+        """Update the server buffers (``self._srv``) from this round's decoded messages
+        (client id -> float32 [d]; ``examples``: each client's ``num-examples``) and return
+        the direction of the model step ``x+ = x - server_lr * direction``."""
+
+    def client_settings(self, client_id: int) -> dict[str, Any]:
+        """Per-client config entries (e.g. EF21-W's scale); none by default."""
+        return {}
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _ensure_clients(self, n: int) -> None:
@@ -381,7 +556,7 @@ class CompressedStrategy(FedAvg):
         return numpy_to_record(out), False, known
 
     # -- Flower Strategy API --------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[FlowerMessage]:
         if self.fraction_train == 0.0:
             return []
         nodes = sorted(int(i) for i in grid.get_node_ids())
@@ -389,7 +564,7 @@ class CompressedStrategy(FedAvg):
             raise RuntimeError("compressed strategies need node ids 0..n-1 (fedsim's PartitionGrid)")
         self._ensure_clients(len(nodes))
         self._set_public(arrays)
-        self._init_round = self.init == "full" and server_round == 1 and self.method != "none"
+        self._init_round = self.init == "full" and server_round == 1 and self.init_round
         if self._init_round:
             node_ids = nodes
         else:
@@ -410,10 +585,10 @@ class CompressedStrategy(FedAvg):
             self._down_stats["bytes_down_payload"] += int(sum(np.asarray(v.numpy()).nbytes for v in record.values()))
             self._down_stats["bytes_down_dense"] += dense_down
             content = RecordDict({self.arrayrecord_key: record, self.configrecord_key: ConfigRecord(cfg)})
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=cid))
+            messages.append(FlowerMessage(content=content, message_type=MessageType.TRAIN, dst_node_id=cid))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies: Iterable[FlowerMessage]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._W is not None and self._x is not None and self._layout is not None
         d = self._W.size
         decoder = Identity() if self._init_round else self.up
@@ -433,7 +608,7 @@ class CompressedStrategy(FedAvg):
             up_bytes += payload_nbytes(arrs)
         if decoded:
             direction = self.server_step(decoded, examples)
-            self._x = ef.model_step(self._x, direction, self.server_lr)
+            self._x = model_step(self._x, direction, self.server_lr)
             if self.bn == "average":
                 self._average_dense(dense_in, examples)
             for cid in decoded:

@@ -1,14 +1,15 @@
-"""Communication compressors for fedsim, as small composable objects.
+"""Communication compressors, as small composable plug-ins (docs/compression.md).
 
 Every compressor maps a flat float32 vector ``x`` (shape ``[d]``) to a *payload*: a dict of
 named numpy arrays, exactly what goes on the wire.  ``decode`` turns a payload back into a
 dense float32 vector of length ``d``; ``compress(x) = decode(encode(x))`` is the operator
-``C(x)`` used in the error-feedback equations (see :mod:`fedsim.error_feedback`).  The bytes
-fedsim reports as sent are ``nbytes(payload) = sum(arr.nbytes for arr in payload.values())``:
-values, indices (in the smallest unsigned integer dtype that can index ``d``), seeds and
-scales are all counted.
+``C(x)`` of the error-feedback equations (:mod:`strategies.compressed.ef21`,
+:mod:`strategies.compressed.econtrol`).  The bytes fedsim reports as sent are
+``nbytes(payload) = sum(arr.nbytes for arr in payload.values())``: values, indices (in the
+smallest unsigned integer dtype that can index ``d``), seeds, scales and bit-packed codes
+are all counted, and nothing else is sent.
 
-Compressors (METHODS.md, "Compressors to offer"):
+Compressors:
 
 * :class:`Identity` -- ``C(x) = x``; payload ``values`` float32 ``[d]``.  Contractive, delta = 1.
 * :class:`TopK` -- keeps the ``k`` entries of largest magnitude, zeroes the rest.
@@ -22,11 +23,12 @@ Compressors (METHODS.md, "Compressors to offer"):
   Rand-K is contractive in expectation, ``E||C(x) - x||^2 = (1 - k/d)||x||^2`` (delta = k/d).
   With ``unbiased=True`` the values are scaled by ``d/k`` (``E[C(x)] = x``, variance
   ``omega = d/k - 1``); it is then not contractive.
-* :class:`QSGD` -- unbiased stochastic quantization with ``s`` levels (Alistarh et al., 2017):
-  ``C(x)_j = ||x||_2 * sign(x_j) * xi_j / s`` where, with ``r_j = s|x_j| / ||x||_2`` and
+* :class:`QSGD` -- unbiased stochastic quantization with ``s`` levels (Alistarh et al., NeurIPS
+  2017): ``C(x)_j = ||x||_2 * sign(x_j) * xi_j / s`` where, with ``r_j = s|x_j| / ||x||_2`` and
   ``l_j = floor(r_j)``, ``xi_j = l_j + 1`` with probability ``r_j - l_j`` and ``l_j``
-  otherwise.  Payload ``norm`` float32 ``[1]`` + ``levels`` = ``sign(x_j) * xi_j`` in the
-  smallest signed integer dtype holding ``[-s, s]`` (int8 for ``s <= 127``).  Unbiased with
+  otherwise.  Payload ``norm`` float32 ``[1]`` + ``codes``: per coordinate one sign bit and
+  ``b = ceil(log2(s + 1))`` bits for ``xi_j``, bit-packed (``np.packbits``, big-endian bit
+  order) into ``ceil(d (1 + b) / 8)`` bytes.  Unbiased with
   ``omega = min(d/s^2, sqrt(d)/s)``; not contractive.
 * :class:`ScaledSign` -- ``C(x) = (||x||_1 / d) * sign(x)`` (zeros are sent as ``+``).
   Payload ``scale`` float32 ``[1]`` + ``signs`` = ``np.packbits(x >= 0)`` (``ceil(d/8)`` bytes).
@@ -36,8 +38,9 @@ Compressors (METHODS.md, "Compressors to offer"):
 Randomised compressors (Rand-K, QSGD) take an explicit ``np.random.Generator`` and raise
 ``ValueError`` without one: no global RNG state is ever read.
 
-Helpers :func:`flatten` / :func:`unflatten` turn a dict of named arrays (a model update) into
-one float32 vector and back.  :func:`make_compressor` builds a compressor from a spec such as
+Plug-ins: :data:`COMPRESSORS` is a :class:`fedsim.registry.Registry`.  A new compressor is
+one class decorated with :func:`register_compressor` (or named by import path
+``package.module:Class`` in a spec); :func:`make_compressor` builds one from a spec such as
 ``"topk:0.01"`` or ``{"name": "qsgd", "levels": 16}``.
 """
 
@@ -45,15 +48,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
+
+from fedsim.registry import Registry, RegistryError
 
 Payload = dict[str, np.ndarray]
 
 __all__ = [
+    "COMPRESSORS",
     "Payload",
     "Compressor",
     "Identity",
@@ -61,14 +66,28 @@ __all__ = [
     "RandK",
     "QSGD",
     "ScaledSign",
+    "register_compressor",
     "make_compressor",
     "index_dtype",
     "payload_nbytes",
-    "LayoutEntry",
-    "Layout",
-    "flatten",
-    "unflatten",
 ]
+
+COMPRESSORS: Registry[type] = Registry("compressor")
+"""Compressor classes by short name (aliases live on the classes, see :func:`register_compressor`)."""
+
+C = TypeVar("C", bound=type)
+
+
+def register_compressor(name: str, *aliases: str) -> Callable[[C], C]:
+    """Class decorator: register a :class:`Compressor` under ``name`` (and spelling
+    ``aliases``, accepted by :func:`make_compressor` but not listed) and set its ``name``."""
+
+    def decorator(cls: C) -> C:
+        cls.name = name  # type: ignore[attr-defined]
+        cls.aliases = tuple(aliases)  # type: ignore[attr-defined]
+        return COMPRESSORS.register(name)(cls)
+
+    return decorator
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,14 +103,6 @@ def index_dtype(d: int) -> np.dtype:
         if d - 1 <= np.iinfo(dt).max:
             return np.dtype(dt)
     raise ValueError(f"vector length {d} is too large to index")
-
-
-def _level_dtype(s: int) -> np.dtype:
-    """Smallest signed integer dtype that can hold every level in ``[-s, s]``."""
-    for dt in (np.int8, np.int16, np.int32, np.int64):
-        if s <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    raise ValueError(f"QSGD levels {s} too large")
 
 
 def payload_nbytes(payload: Mapping[str, np.ndarray]) -> int:
@@ -140,6 +151,16 @@ def _need_rng(cls: str, rng: np.random.Generator | None) -> np.random.Generator:
     return rng
 
 
+def _parse_k(name: str, text: str) -> dict[str, Any]:
+    """``"0.01"`` -> fraction, ``"100"`` -> count (an integer literal is a count)."""
+    try:
+        if text.strip().lstrip("+").isdigit():
+            return {"count": int(text)}
+        return {"fraction": float(text)}
+    except ValueError:
+        raise ValueError(f"compressor '{name}': '{text}' is not a fraction or count") from None
+
+
 # --------------------------------------------------------------------------------------------
 # base class
 # --------------------------------------------------------------------------------------------
@@ -149,7 +170,10 @@ class Compressor(ABC):
     """A compression operator ``C``: ``encode`` to a payload, ``decode`` back to ``[d]``.
 
     Attributes:
-        name: short name used by :func:`make_compressor`.
+        name: the name :func:`make_compressor` knows it by: set by :func:`register_compressor`,
+            else the class's import path ``package.module:Class``.
+        aliases: other spellings of ``name`` that :func:`make_compressor` accepts.
+        spec_keys: the constructor arguments a dict spec may give (besides ``name``).
         contractive: whether ``E||C(x) - x||^2 <= (1 - delta) ||x||^2`` for some
             ``delta in (0, 1]`` (the class EF21 / EControl are analysed for).
         unbiased: whether ``E[C(x)] = x``.
@@ -157,9 +181,25 @@ class Compressor(ABC):
     """
 
     name: ClassVar[str] = "compressor"
+    aliases: ClassVar[tuple[str, ...]] = ()
+    spec_keys: ClassVar[tuple[str, ...]] = ()
     contractive: bool = True
     unbiased: bool = False
     randomized: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # an unregistered class is named by its import path, so its spec() round-trips
+        # through make_compressor (the spec is what clients receive in their config)
+        cls.name = f"{cls.__module__}:{cls.__qualname__}"
+
+    @classmethod
+    def parse_args(cls, args: list[str]) -> dict[str, Any]:
+        """Constructor arguments from the ``:``-separated tail of a string spec
+        (``"topk:0.01"`` -> ``["0.01"]``); the default takes none."""
+        if args:
+            raise ValueError(f"compressor '{cls.name}' takes no arguments, got '{':'.join(args)}'")
+        return {}
 
     @abstractmethod
     def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Payload:
@@ -207,10 +247,10 @@ class Compressor(ABC):
 # --------------------------------------------------------------------------------------------
 
 
+@register_compressor("identity", "none")
 class Identity(Compressor):
     """No compression: ``C(x) = x``; sends the dense float32 vector (``4 d`` bytes)."""
 
-    name = "identity"
     contractive = True
     unbiased = True
 
@@ -230,6 +270,7 @@ class Identity(Compressor):
         return 0.0
 
 
+@register_compressor("topk", "top-k", "top_k")
 class TopK(Compressor):
     """Top-K sparsification: keep the ``k`` largest-magnitude entries of ``x``.
 
@@ -245,7 +286,7 @@ class TopK(Compressor):
     :func:`index_dtype` ``(d)``.  Bytes: ``k * (4 + itemsize(indices))``.
     """
 
-    name = "topk"
+    spec_keys = ("fraction", "count")
     contractive = True
     unbiased = False
 
@@ -253,6 +294,12 @@ class TopK(Compressor):
         _check_fraction_count("TopK", fraction, count)
         self.fraction = None if fraction is None else float(fraction)
         self.count = None if count is None else int(count)
+
+    @classmethod
+    def parse_args(cls, args: list[str]) -> dict[str, Any]:
+        if len(args) != 1:
+            raise ValueError(f"compressor spec '{':'.join([cls.name, *args])}': expected 'topk:FRACTION' or 'topk:COUNT'")
+        return _parse_k(cls.name, args[0])
 
     def k(self, d: int) -> int:
         """Number of kept entries for a vector of length ``d``."""
@@ -287,6 +334,7 @@ class TopK(Compressor):
         return {"name": self.name, "count": self.count}
 
 
+@register_compressor("randk", "rand-k", "rand_k")
 class RandK(Compressor):
     """Rand-K sparsification with a shared seed (indices are regenerated, not sent).
 
@@ -304,17 +352,28 @@ class RandK(Compressor):
     Payload: ``values`` float32 ``[k]`` (already scaled) and ``seed`` uint64 ``[1]``.
     """
 
-    name = "randk"
+    spec_keys = ("fraction", "count", "unbiased")
     randomized = True
 
     def __init__(
         self, fraction: float | None = None, count: int | None = None, unbiased: bool = False
     ) -> None:
         _check_fraction_count("RandK", fraction, count)
+        if not isinstance(unbiased, (bool, np.bool_)):
+            raise ValueError(f"compressor 'randk': unbiased must be true/false, got {unbiased!r}")
         self.fraction = None if fraction is None else float(fraction)
         self.count = None if count is None else int(count)
         self.unbiased = bool(unbiased)
         self.contractive = not self.unbiased
+
+    @classmethod
+    def parse_args(cls, args: list[str]) -> dict[str, Any]:
+        bad_flag = len(args) == 2 and args[1].lower() not in ("unbiased", "biased")
+        if len(args) not in (1, 2) or bad_flag:
+            raise ValueError(f"compressor spec '{':'.join([cls.name, *args])}': expected 'randk:FRACTION|COUNT[:unbiased]'")
+        out = _parse_k(cls.name, args[0])
+        out["unbiased"] = len(args) == 2 and args[1].lower() == "unbiased"
+        return out
 
     def k(self, d: int) -> int:
         """Number of kept entries for a vector of length ``d``."""
@@ -363,22 +422,30 @@ class RandK(Compressor):
         return out
 
 
+@register_compressor("qsgd")
 class QSGD(Compressor):
-    """QSGD: unbiased stochastic quantization of ``x / ||x||_2`` onto ``s`` levels.
+    """QSGD: unbiased stochastic quantization of ``x / ||x||_2`` onto ``s`` levels
+    (Alistarh, Grubic, Li, Tomioka, Vojnovic, NeurIPS 2017).
 
     With ``r_j = s |x_j| / ||x||_2`` and ``l_j = floor(r_j)``, draw
-    ``xi_j = l_j + 1`` w.p. ``r_j - l_j`` (else ``l_j``), and send
-    ``norm = ||x||_2`` and ``levels_j = sign(x_j) * xi_j`` (``|levels_j| <= s``).
-    ``C(x)_j = norm * levels_j / s``; ``E[C(x)] = x`` (up to float32 rounding of ``norm``).
+    ``xi_j = l_j + 1`` w.p. ``r_j - l_j`` (else ``l_j``); the quantized value is
+    ``levels_j = sign(x_j) * xi_j`` (``|levels_j| <= s``) and
+    ``C(x)_j = ||x||_2 * levels_j / s``; ``E[C(x)] = x`` (up to float32 rounding of the norm).
+
+    Wire format (what a real encoder sends; docs/compression.md): ``norm`` float32 ``[1]``
+    and ``codes`` uint8: for each coordinate ``j`` in order, one sign bit (1 = negative;
+    0 for ``xi_j = 0``) followed by ``xi_j`` in ``b = ceil(log2(s + 1))`` bits, most
+    significant bit first, the whole bit string packed by ``np.packbits`` (zero-padded to a
+    whole byte): ``4 + ceil(d (1 + b) / 8)`` bytes.  A fixed-width code, not the paper's
+    Elias coding (which is shorter for sparse level vectors, i.e. small ``s``).
 
     Args:
         levels: number of quantization levels ``s >= 1``.
 
-    Payload: ``norm`` float32 ``[1]``, ``levels`` in the smallest signed int dtype for
-    ``[-s, s]`` (int8 for ``s <= 127``).  Not contractive; ``omega = min(d/s^2, sqrt(d)/s)``.
+    Not contractive; ``omega = min(d/s^2, sqrt(d)/s)``.
     """
 
-    name = "qsgd"
+    spec_keys = ("levels",)
     contractive = False
     unbiased = True
     randomized = True
@@ -388,26 +455,59 @@ class QSGD(Compressor):
             raise ValueError(f"QSGD: levels must be an integer >= 1, got {levels}")
         self.levels = int(levels)
 
-    def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Payload:
+    @classmethod
+    def parse_args(cls, args: list[str]) -> dict[str, Any]:
+        if len(args) != 1 or not args[0].isdigit():
+            raise ValueError(f"compressor spec '{':'.join([cls.name, *args])}': expected 'qsgd:LEVELS' with an integer")
+        return {"levels": int(args[0])}
+
+    @property
+    def level_bits(self) -> int:
+        """``b = ceil(log2(s + 1))``: bits that hold every level ``0 .. s``."""
+        return self.levels.bit_length()
+
+    def quantize(self, x: np.ndarray, rng: np.random.Generator | None) -> tuple[np.float32, np.ndarray]:
+        """``(||x||_2 as float32, levels)`` with ``levels`` int64 ``[d]`` in ``[-s, s]``."""
         x = _as_vector(x)
         gen = _need_rng("QSGD", rng)
         s = self.levels
         x64 = x.astype(np.float64)
         norm = float(np.linalg.norm(x64))
-        ldt = _level_dtype(s)
         if norm == 0.0:
-            return {"norm": np.zeros(1, np.float32), "levels": np.zeros(x.size, ldt)}
+            return np.float32(0.0), np.zeros(x.size, np.int64)
         r = np.minimum(s * np.abs(x64) / norm, float(s))
         low = np.floor(r)
         xi = low + (gen.random(x.size) < (r - low))
-        levels = (np.sign(x64) * xi).astype(ldt)
-        return {"norm": np.array([norm], dtype=np.float32), "levels": levels}
+        return np.float32(norm), (np.sign(x64) * xi).astype(np.int64)
+
+    def pack(self, levels: np.ndarray) -> np.ndarray:
+        """Bit-pack ``levels`` (int ``[d]``, ``|levels| <= s``): sign bit + ``b``-bit magnitude each."""
+        levels = np.asarray(levels, dtype=np.int64)
+        mag = np.abs(levels).astype(np.uint64)
+        shifts = np.arange(self.level_bits - 1, -1, -1, dtype=np.uint64)  # MSB first
+        bits = np.empty((levels.size, 1 + self.level_bits), dtype=np.uint8)
+        bits[:, 0] = levels < 0
+        bits[:, 1:] = (mag[:, None] >> shifts) & np.uint64(1)
+        return np.packbits(bits.reshape(-1))
+
+    def unpack(self, codes: np.ndarray, d: int) -> np.ndarray:
+        """Inverse of :meth:`pack`: the ``d`` levels (int64)."""
+        width = 1 + self.level_bits
+        codes = np.asarray(codes, dtype=np.uint8).reshape(-1)
+        if codes.size != math.ceil(d * width / 8):
+            raise ValueError(f"qsgd payload has {codes.size} code bytes, expected {math.ceil(d * width / 8)} for d={d}")
+        bits = np.unpackbits(codes, count=d * width).reshape(d, width).astype(np.int64)
+        shifts = np.arange(self.level_bits - 1, -1, -1, dtype=np.int64)
+        mag = (bits[:, 1:] << shifts).sum(axis=1)
+        return np.where(bits[:, 0] == 1, -mag, mag)
+
+    def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Payload:
+        norm, levels = self.quantize(x, rng)
+        return {"norm": np.array([norm], dtype=np.float32), "codes": self.pack(levels)}
 
     def decode(self, payload: Mapping[str, np.ndarray], d: int) -> np.ndarray:
         norm = np.float32(np.asarray(payload["norm"]).reshape(-1)[0])
-        levels = np.asarray(payload["levels"])
-        if levels.shape != (d,):
-            raise ValueError(f"qsgd payload has {levels.shape} levels, expected ({d},)")
+        levels = self.unpack(payload["codes"], d)
         return (levels.astype(np.float32) * (norm / np.float32(self.levels))).astype(np.float32)
 
     def omega(self, d: int) -> float:
@@ -418,6 +518,7 @@ class QSGD(Compressor):
         return {"name": self.name, "levels": self.levels}
 
 
+@register_compressor("sign", "scaled_sign", "scaledsign")
 class ScaledSign(Compressor):
     """Scaled sign: ``C(x) = (||x||_1 / d) * sign(x)``, with ``sign(0)`` sent as ``+1``.
 
@@ -426,7 +527,6 @@ class ScaledSign(Compressor):
     ``||C(x) - x||^2 = ||x||^2 - ||x||_1^2 / d``, so ``delta >= 1/d`` (worst case reported).
     """
 
-    name = "sign"
     contractive = True
     unbiased = False
 
@@ -446,73 +546,41 @@ class ScaledSign(Compressor):
         return 1.0 / d
 
 
+
+
 # --------------------------------------------------------------------------------------------
 # factory
 # --------------------------------------------------------------------------------------------
 
-_ALIASES = {
-    "identity": "identity",
-    "none": "identity",
-    "topk": "topk",
-    "top-k": "topk",
-    "top_k": "topk",
-    "randk": "randk",
-    "rand-k": "randk",
-    "rand_k": "randk",
-    "qsgd": "qsgd",
-    "sign": "sign",
-    "scaled_sign": "sign",
-    "scaledsign": "sign",
-}
-_KNOWN = ", ".join(sorted(set(_ALIASES.values())))
+
+def _is_import_path(name: str) -> bool:
+    return "." in name or ":" in name
 
 
-def _parse_k(name: str, text: str) -> dict[str, Any]:
-    """``"0.01"`` -> fraction, ``"100"`` -> count (an integer literal is a count)."""
+def compressor_class(name: str) -> type[Compressor]:
+    """The :class:`Compressor` subclass a spec's ``name`` denotes: a registered name or alias
+    (case-insensitive) or an import path ``package.module:Class``."""
+    key = name
+    if not _is_import_path(name):
+        key = name.lower()
+        for registered in COMPRESSORS.names():
+            if key in COMPRESSORS.get(registered).aliases:
+                key = registered
     try:
-        if text.strip().lstrip("+").isdigit():
-            return {"count": int(text)}
-        return {"fraction": float(text)}
-    except ValueError:
-        raise ValueError(f"compressor '{name}': '{text}' is not a fraction or count") from None
+        cls = COMPRESSORS.get(key)
+    except RegistryError as exc:
+        raise ValueError(str(exc)) from None
+    if not (isinstance(cls, type) and issubclass(cls, Compressor)):
+        raise ValueError(f"compressor '{name}' is not a Compressor subclass")
+    return cls
 
 
-def _parse_string_spec(spec: str) -> dict[str, Any]:
+def _split_string_spec(spec: str) -> tuple[str, list[str]]:
+    """``"topk:0.01"`` -> ``("topk", ["0.01"])``; ``"pkg.mod:Cls:3"`` -> ``("pkg.mod:Cls", ["3"])``."""
     parts = [p.strip() for p in spec.strip().split(":")]
-    name = _ALIASES.get(parts[0].lower())
-    if name is None:
-        raise ValueError(f"unknown compressor '{parts[0]}' (known: {_KNOWN})")
-    args = parts[1:]
-    out: dict[str, Any] = {"name": name}
-    if name in ("identity", "sign"):
-        if args:
-            raise ValueError(f"compressor '{name}' takes no arguments, got '{spec}'")
-    elif name == "topk":
-        if len(args) != 1:
-            raise ValueError(f"compressor spec '{spec}': expected 'topk:FRACTION' or 'topk:COUNT'")
-        out.update(_parse_k(name, args[0]))
-    elif name == "randk":
-        bad_flag = len(args) == 2 and args[1].lower() not in ("unbiased", "biased")
-        if len(args) not in (1, 2) or bad_flag:
-            raise ValueError(
-                f"compressor spec '{spec}': expected 'randk:FRACTION|COUNT[:unbiased]'"
-            )
-        out.update(_parse_k(name, args[0]))
-        out["unbiased"] = len(args) == 2 and args[1].lower() == "unbiased"
-    elif name == "qsgd":
-        if len(args) != 1 or not args[0].isdigit():
-            raise ValueError(f"compressor spec '{spec}': expected 'qsgd:LEVELS' with an integer")
-        out["levels"] = int(args[0])
-    return out
-
-
-_ALLOWED_KEYS = {
-    "identity": set(),
-    "sign": set(),
-    "topk": {"fraction", "count"},
-    "randk": {"fraction", "count", "unbiased"},
-    "qsgd": {"levels"},
-}
+    if "." in parts[0] and len(parts) > 1:  # an import path's own ':' separates module and class
+        return f"{parts[0]}:{parts[1]}", parts[2:]
+    return parts[0], parts[1:]
 
 
 def make_compressor(spec: Mapping[str, Any] | str | Compressor) -> Compressor:
@@ -522,7 +590,7 @@ def make_compressor(spec: Mapping[str, Any] | str | Compressor) -> Compressor:
 
     * strings ``"identity"`` (or ``"none"``), ``"sign"``, ``"topk:0.01"`` (fraction) or
       ``"topk:100"`` (an integer literal is a count), ``"randk:0.1"`` /
-      ``"randk:0.1:unbiased"``, ``"qsgd:16"``;
+      ``"randk:0.1:unbiased"``, ``"qsgd:16"``, ``"package.module:Class[:ARG...]"``;
     * dicts ``{"name": "topk", "fraction": 0.01}``, ``{"name": "randk", "count": 50,
       "unbiased": True}``, ``{"name": "qsgd", "levels": 16}``, ``{"name": "sign"}``.
 
@@ -532,97 +600,21 @@ def make_compressor(spec: Mapping[str, Any] | str | Compressor) -> Compressor:
     if isinstance(spec, Compressor):
         return spec
     if isinstance(spec, str):
-        cfg = _parse_string_spec(spec)
+        name, args = _split_string_spec(spec)
+        cls = compressor_class(name)
+        kwargs = cls.parse_args(args)
     elif isinstance(spec, Mapping):
-        cfg = dict(spec)
-        raw = cfg.get("name")
-        if not isinstance(raw, str):
+        kwargs = dict(spec)
+        name = kwargs.pop("name", None)
+        if not isinstance(name, str):
             raise ValueError(f"compressor spec {spec!r} needs a string 'name'")
-        name = _ALIASES.get(raw.lower())
-        if name is None:
-            raise ValueError(f"unknown compressor '{raw}' (known: {_KNOWN})")
-        cfg["name"] = name
+        cls = compressor_class(name)
+        extra = set(kwargs) - set(cls.spec_keys)
+        if extra:
+            raise ValueError(f"compressor '{cls.name}': unexpected key(s) {', '.join(sorted(extra))}")
     else:
         raise ValueError(f"compressor spec must be a str or dict, got {type(spec).__name__}")
-
-    name = cfg.pop("name")
-    extra = set(cfg) - _ALLOWED_KEYS[name]
-    if extra:
-        raise ValueError(f"compressor '{name}': unexpected key(s) {', '.join(sorted(extra))}")
-    if name == "identity":
-        return Identity()
-    if name == "sign":
-        return ScaledSign()
-    if name == "topk":
-        return TopK(fraction=cfg.get("fraction"), count=cfg.get("count"))
-    if name == "randk":
-        unbiased = cfg.get("unbiased", False)
-        if not isinstance(unbiased, bool):
-            raise ValueError(f"compressor 'randk': unbiased must be true/false, got {unbiased!r}")
-        return RandK(fraction=cfg.get("fraction"), count=cfg.get("count"), unbiased=unbiased)
-    if "levels" not in cfg:
-        raise ValueError("compressor 'qsgd': missing key 'levels'")
-    return QSGD(levels=cfg["levels"])
-
-
-# --------------------------------------------------------------------------------------------
-# flatten / unflatten named arrays
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayoutEntry:
-    """Where one named array lives in the flat vector."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    offset: int
-    size: int
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Ordered description of a flattened dict of arrays (the dict's insertion order)."""
-
-    entries: tuple[LayoutEntry, ...]
-
-    @property
-    def size(self) -> int:
-        """Total length ``d`` of the flat vector."""
-        return sum(e.size for e in self.entries)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(e.name for e in self.entries)
-
-
-def flatten(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, Layout]:
-    """Concatenate named arrays (in the mapping's order) into one float32 vector.
-
-    Returns ``(vec, layout)``; :func:`unflatten` inverts it, casting each piece back to its
-    original dtype.  Intended for floating-point parameters/updates: integer buffers (e.g. BN
-    ``num_batches_tracked``) survive only while their values are exact in float32.
-    """
-    entries: list[LayoutEntry] = []
-    pieces: list[np.ndarray] = []
-    offset = 0
-    for name, arr in arrays.items():
-        a = np.asarray(arr)
-        shape = tuple(int(s) for s in a.shape)
-        entries.append(LayoutEntry(name, shape, a.dtype.str, offset, int(a.size)))
-        pieces.append(a.reshape(-1).astype(np.float32, copy=False))
-        offset += int(a.size)
-    vec = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-    return vec.astype(np.float32, copy=False), Layout(tuple(entries))
-
-
-def unflatten(vec: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
-    """Split a flat vector back into named arrays of the shapes/dtypes in ``layout``."""
-    vec = np.asarray(vec)
-    if vec.shape != (layout.size,):
-        raise ValueError(f"vector has shape {vec.shape}, layout expects ({layout.size},)")
-    return {
-        e.name: vec[e.offset : e.offset + e.size].reshape(e.shape).astype(np.dtype(e.dtype))
-        for e in layout.entries
-    }
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a missing required argument, e.g. qsgd without levels
+        raise ValueError(f"compressor '{cls.name}': {exc}") from None
