@@ -33,7 +33,13 @@ def _quiet_libraries() -> None:
 
 def _progress(console, total_rounds: int, done: int):
     """A progress bar over rounds showing the current accuracy, and a line per evaluation."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     progress = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), console=console)
     task = progress.add_task("rounds", total=total_rounds, completed=done, acc="")
@@ -75,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.engine.runtimes import RUNTIMES
     from fedsim.engine.server import FederatedRun, RunFailure
     from fedsim.results import RunFolder, plot_accuracy, summarize
+    from fedsim.validate import check_out_folder
 
     console = Console(stderr=False)
     try:
@@ -89,8 +96,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides = list(args.overrides)
             if args.scenario and "=" in args.scenario and not Path(args.scenario).exists():
                 raise BadInput(f"{args.scenario}: scenario file not found (overrides come after the scenario file)")
+            if args.out:  # before the (slower) scenario checks: fail fast
+                check_out_folder(args.out)
             scenario = load_scenario(args.scenario, overrides)
             out = Path(args.out) if args.out else Path("runs") / scenario.name
+            check_out_folder(out)
             # an empty folder the user made is used, but never removed after a failure
             created = not (out.is_dir() and not out.is_symlink() and not any(out.iterdir()))
             run = RunFolder.create(out, scenario, overwrite=args.overwrite)

@@ -10,22 +10,59 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import reprlib
+import stat
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from fedsim import safe_yaml
 from fedsim.edge.config import EdgeConfig
+from fedsim.section import Section, did_you_mean
 from fedsim.tta.config import AdaptationConfig
+
+MAX_MESSAGE = 400
+"""Characters of an error message; longer ones end in ``...`` (values can be huge)."""
+
+MAX_SEED = 2**64 - 1
+"""torch.manual_seed takes 64 bits."""
+
+MAX_PATH = 4096
 
 
 class ScenarioError(ValueError):
-    """Bad input in a scenario file or an override; the message is one line."""
+    """Bad input in a scenario file or an override; the message is one line of at most
+    :data:`MAX_MESSAGE` characters."""
+
+    def __init__(self, message: object = "") -> None:
+        text = " ".join(str(message).split("\n"))
+        if len(text) > MAX_MESSAGE:
+            text = text[: MAX_MESSAGE - 3] + "..."
+        super().__init__(text)
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict, _repr.maxlevel = 60, 60, 6, 6, 3
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` bounded in length and depth, for echoing user input in a message."""
+    return _repr.repr(value)
+
+
+def check_path_text(value: str | None) -> str | None:
+    """A path given in a scenario: no NUL byte, not absurdly long."""
+    if value is None:
+        return value
+    if "\0" in value:
+        raise ValueError("a path must not contain a NUL byte")
+    if len(value) > MAX_PATH:
+        raise ValueError(f"a path of {len(value)} characters (at most {MAX_PATH})")
+    return value
 
 
 class RuntimeConfig(Section):
@@ -33,13 +70,15 @@ class RuntimeConfig(Section):
     simulation engine on Ray (``address`` joins an existing cluster, e.g. ``auto``)."""
 
     name: Literal["inline", "ray"] = "inline"
-    cpus_per_client: float = Field(1.0, gt=0)
-    gpus_per_client: float = Field(0.0, ge=0)
+    # Upper bounds: no machine has more; a local Ray cluster is also checked against this
+    # machine's CPUs and GPUs (fedsim.validate), since Ray waits forever for resources.
+    cpus_per_client: float = Field(1.0, gt=0, le=1024)
+    gpus_per_client: float = Field(0.0, ge=0, le=64)
     address: str | None = None
     # One torch thread per client process by default: on a busy 2-core machine two threads
     # per process ran ~35x slower (spin-waiting), and equal thread counts keep the inline
     # and Ray runtimes bit-identical. Raise it for big models on an idle machine.
-    num_threads: int = Field(1, ge=1, description="torch threads per client process")
+    num_threads: int = Field(1, ge=1, le=1024, description="torch threads per client process")
 
     @field_validator("num_threads", mode="before")
     @classmethod
@@ -78,6 +117,23 @@ class DataConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="client's own test split")
     domain_test_samples: int | None = Field(None, ge=1, description="cap on each domain's global test set")
     options: dict[str, Any] = Field(default_factory=dict, description="loader-specific settings")
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, value: str | None) -> str | None:
+        return check_path_text(value)
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("give at least one domain, or leave domains out for all of them")
+        dup = sorted({d for d in value if value.count(d) > 1})
+        if dup:
+            raise ValueError(f"domains must be distinct (repeated: {', '.join(dup)})")
+        return value
 
     @field_validator("num_classes_per_partition", "class_assignment_mode", "num_shards_per_partition", "shard_size", "keep_incomplete_shard", "partition_sizes")
     @classmethod
@@ -151,7 +207,7 @@ class FaultConfig(Section):
 
 class Scenario(Section):
     name: str = "experiment"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     rounds: int = Field(10, ge=1)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     device: Literal["auto", "cpu", "cuda"] = "cpu"
@@ -205,48 +261,91 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) if parts else "(top level)"
 
 
-def _format_message(err: dict[str, Any]) -> str:
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The section class inside ``X``, ``X | None``, ``dict[k, X]`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType, Annotated, list, dict):
+        for arg in get_args(annotation):
+            found = _section_class(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def known_keys(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
+    """The keys the section at ``loc`` (a pydantic error location) accepts."""
+    cls: type[BaseModel] | None = root
+    for part in loc:
+        if cls is None:
+            return []
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            continue  # a dict key or list index between sections
+        cls = _section_class(field.annotation)
+    return list(cls.model_fields) if cls is not None else []
+
+
+def _format_message(err: dict[str, Any], root: type[BaseModel]) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
-        return "unknown key"
+        return "unknown key" + did_you_mean(str(err["loc"][-1]), known_keys(tuple(err["loc"][:-1]), root))
     if kind == "missing":
         return "required key is missing"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
-        bound = f"{bound:g}" if isinstance(bound, (int, float)) else bound
-        return f"must be {op} {bound} (got {err.get('input')!r})"
+        bound = f"{bound:g}" if isinstance(bound, float) else bound
+        return f"must be {op} {bound} (got {short_repr(err.get('input'))})"
     if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')} (got {err.get('input')!r})"
+        return f"must be one of {ctx.get('expected')} (got {short_repr(err.get('input'))})"
+    if kind == "finite_number":
+        return f"must be a finite number (got {short_repr(err.get('input'))})"
     msg = str(err["msg"])
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    return f"{msg} (got {err.get('input')!r})" if "input" in err and kind.endswith("_type") else msg
+    return f"{msg} (got {short_repr(err.get('input'))})" if "input" in err and kind.endswith("_type") else msg
 
 
-def validation_error_line(source: str, exc: ValidationError) -> str:
+def validation_error_line(source: str, exc: ValidationError, root: type[BaseModel] | None = None) -> str:
     """The first error of a pydantic ValidationError as ``file: dotted.key: message``."""
     err = exc.errors()[0]
-    message = _format_message(err)
+    message = _format_message(err, root or Scenario)
     loc = _format_location(err["loc"])
     if loc == "(top level)" and ": " in message and message.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum():
         loc, message = message.split(": ", 1)
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    return f"{source}: {loc}: {message}{suffix}"
+    return f"{short_source(source)}: {loc}: {message}{suffix}"
+
+
+def short_source(source: str) -> str:
+    """A file name fit for a one-line message (names can be 4096 characters)."""
+    text = source.replace("\n", " ").replace("\0", "\\0")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+MAX_OVERRIDE = 10_000
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (["a", "b"], parsed value). Values are parsed as YAML scalars."""
+    """``a.b=value`` -> (["a", "b"], parsed value). Values are parsed as YAML scalars
+    under the same bounds as a scenario file (:mod:`fedsim.safe_yaml`)."""
+    shown = short_repr(text)[1:-1]
+    if len(text) > MAX_OVERRIDE:
+        raise ScenarioError(f"override '{shown}': longer than {MAX_OVERRIDE} characters")
     if "=" not in text:
-        raise ScenarioError(f"override '{text}': expected key.sub=value")
+        raise ScenarioError(f"override '{shown}': expected key.sub=value")
     key, _, raw = text.partition("=")
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ScenarioError(f"override '{text}': empty key")
+        raise ScenarioError(f"override '{shown}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml.load(raw) if raw.strip() else ""
+    except safe_yaml.YAMLInputError as exc:
+        raise ScenarioError(f"override '{shown}': {exc}") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -264,30 +363,67 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if child is None:
                 child = {}
             if not isinstance(child, dict):
-                raise ScenarioError(f"override '{text}': '{part}' is not a section")
+                raise ScenarioError(f"override '{short_repr(text)[1:-1]}': '{part}' is not a section")
             node[part] = child
             node = child
         node[path[-1]] = value
     return out
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    source = str(path)
-    if not path.exists():
-        raise ScenarioError(f"{source}: file not found")
-    if path.is_dir():
-        raise ScenarioError(f"{source}: is a folder, expected a scenario YAML file")
+def read_text_file(path: Path) -> str:
+    """The text of a regular file of at most safe_yaml.MAX_BYTES; ScenarioError (one
+    line naming the file) for anything else. A FIFO, device or folder is refused before it
+    is read (reading a FIFO would block forever)."""
+    source = short_source(str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ScenarioError(f"{source}: file not found") from None
+    except ValueError:  # embedded NUL byte
+        raise ScenarioError(f"{source}: a file name must not contain a NUL byte") from None
+    except OSError as exc:
+        raise ScenarioError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ScenarioError(f"{source}: is a folder, expected a scenario YAML file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ScenarioError(f"{source}: not a regular file (a FIFO, socket or device); expected a scenario YAML file")
+    if info.st_size > safe_yaml.MAX_BYTES:
+        raise ScenarioError(f"{source}: larger than {safe_yaml.MAX_BYTES // 1_000_000} MB; a scenario is a small text file")
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the stat, open does not block
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ScenarioError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ScenarioError(f"{source}: not a regular file; expected a scenario YAML file")
+        try:
+            data = fh.read(safe_yaml.MAX_BYTES + 1)
+        except OSError as exc:
+            raise ScenarioError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > safe_yaml.MAX_BYTES:
+        raise ScenarioError(f"{source}: larger than {safe_yaml.MAX_BYTES // 1_000_000} MB; a scenario is a small text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{source}: not a UTF-8 text file") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    source = short_source(str(path))
+    text = read_text_file(path)
+    try:
+        raw = safe_yaml.load(text)
+    except safe_yaml.YAMLInputError as exc:
+        raise ScenarioError(f"{source}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ScenarioError(f"{source}: {where}YAML syntax error: {problem}") from None
-    except UnicodeDecodeError:
-        raise ScenarioError(f"{source}: not a text file") from None
     if raw is None:
-        raw = {}
+        raise ScenarioError(f"{source}: the file is empty (or only comments); a scenario needs at least one section")
     if not isinstance(raw, dict):
         raise ScenarioError(f"{source}: (top level): expected a mapping of sections, got {type(raw).__name__}")
     return raw
@@ -299,7 +435,7 @@ def build_scenario(raw: dict[str, Any], source: str) -> Scenario:
     except ValidationError as exc:
         raise ScenarioError(validation_error_line(source, exc)) from None
     # Late checks that need registries (names, strategy args, data sizes).
-    from fedsim.validate import check_scenario
+    from fedsim.validate import check_scenario  # fedsim.validate imports this module
 
     check_scenario(scenario, source)
     return scenario

@@ -96,6 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedsim.edge.dashboard import ProgressReader
     from fedsim.edge.processes import DeploymentError
     from fedsim.results import RunFolder
+    from fedsim.validate import check_out_folder
 
     console = Console()
     try:
@@ -105,8 +106,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         else:
             if not args.scenario:
                 raise ScenarioError("fedsim edge demo: give a scenario file or --resume RUN_FOLDER")
+            if args.out:
+                check_out_folder(args.out)
             scenario, edge = _load(args)
             out = Path(args.out) if args.out else Path("runs") / f"{scenario.name}-edge"
+            check_out_folder(out)
             run = RunFolder.create(out, scenario, overwrite=args.overwrite)
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -232,10 +236,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     from fedsim.config import ScenarioError
     from fedsim.edge.processes import DEPLOYMENT_ENTRIES, DeploymentError
     from fedsim.outputs import UnsafeOutput, check_location
+    from fedsim.validate import check_out_folder
 
     console = Console()
     try:
         scenario, edge = _load(args)
+        check_out_folder(args.out or Path("runs") / f"{scenario.name}-deployment")
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -275,7 +281,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedsim.edge.certs import make_certificates
-    from fedsim.outputs import MARKER, UnsafeOutput, check_location, ownership_problem, write_marker
+    from fedsim.outputs import (
+        MARKER,
+        UnsafeOutput,
+        check_location,
+        ownership_problem,
+        write_marker,
+    )
 
     out = Path(args.dir)
     try:  # only certificates fedsim wrote are replaced, only in a folder holding nothing else

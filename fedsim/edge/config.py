@@ -10,14 +10,12 @@ This module must not import :mod:`fedsim.config` (which imports it).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from fedsim.section import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DeviceProfile(_Section):
+class DeviceProfile(Section):
     """One kind of edge device, relative to the machine running the demo.
 
     ``compute``: speed relative to this machine (0.25 = four times slower);
@@ -38,15 +36,22 @@ class DeviceProfile(_Section):
     radio_nj_per_bit: float = Field(100.0, ge=0)
 
 
-class TLSConfig(_Section):
+class TLSConfig(Section):
     """PEM files (paths relative to the scenario file), e.g. from ``fedsim edge certs``."""
 
     ca: str
     cert: str
     key: str
 
+    @field_validator("ca", "cert", "key")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if "\0" in value or len(value) > 4096:
+            raise ValueError("must be a file path (no NUL byte, at most 4096 characters)")
+        return value
 
-class EdgeConfig(_Section):
+
+class EdgeConfig(Section):
     """How the demo starts Flower's deployment runtime and what its devices are."""
 
     host: str = Field("127.0.0.1", description="loopback address the SuperLink listens on")

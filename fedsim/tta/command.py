@@ -24,7 +24,14 @@ def load_adaptation_file(path: str | Path, overrides: list[str] | None = None) -
     """
     from pydantic import ValidationError
 
-    from fedsim.config import Scenario, ScenarioError, apply_overrides, read_yaml, validation_error_line
+    from fedsim.config import (
+        Scenario,
+        ScenarioError,
+        apply_overrides,
+        read_yaml,
+        validation_error_line,
+    )
+    from fedsim.validate import check_cuda
 
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides or [])
@@ -34,6 +41,7 @@ def load_adaptation_file(path: str | Path, overrides: list[str] | None = None) -
         raise ScenarioError(validation_error_line(str(path), exc)) from None
     if scenario.adaptation is None:
         raise ScenarioError(f"{path}: adaptation: required key is missing (fedsim adapt needs an adaptation section)")
+    check_cuda(scenario.adaptation.device, "adaptation.device", str(path))
     return scenario.name, scenario.adaptation
 
 
@@ -92,6 +100,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from fedsim.config import ScenarioError
     from fedsim.outputs import MARKER, create_folder, remove_owned
     from fedsim.tta.deploy import open_model_run
+    from fedsim.validate import check_out_folder
 
     console = Console()
     try:
@@ -100,6 +109,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         name, cfg = load_adaptation_file(args.scenario, list(args.overrides))
         model_run = open_model_run(args.model)
         out = Path(args.out) if args.out else model_run.path / f"adapt-{name}"
+        check_out_folder(out)
         # an empty folder the user made is used, but never removed after a failure
         created = not (out.is_dir() and not out.is_symlink() and not any(out.iterdir()))
         create_folder(out, "adaptation", args.overwrite, f"{out}: output folder exists; pass --overwrite to replace it or --out to choose another")

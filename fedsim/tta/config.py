@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
+
+from fedsim.section import Section, did_you_mean
 
 CLEAN = "clean"
 """Shift name for an edge's own domain test set played as it is (no corruption)."""
@@ -21,11 +23,10 @@ INJECTED = ("foundation",)
 """Adapter settings fedsim fills in itself (CEMA's cloud model): not allowed in ``args``."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes 64 bits
 
 
-class AdapterSpec(_Section):
+class AdapterSpec(Section):
     """One adapter: ``name`` is a registered adapter (``fedsim list``) or an import path
     ``package.module:Class`` of an :class:`adapters.base.Adapter` subclass; ``args`` are its
     settings (unknown ones are errors); ``label`` names it in outputs (default: name)."""
@@ -53,7 +54,8 @@ class AdapterSpec(_Section):
             if key in INJECTED:
                 raise ValueError(f"'{key}' is set by fedsim (see adaptation.foundation), not in args")
             if key not in known:
-                raise ValueError(f"unknown setting '{key}' of adapter '{name}' (settings: {', '.join(k for k in known if k not in INJECTED) or 'none'})")
+                hint = did_you_mean(key, [k for k in known if k not in INJECTED])
+                raise ValueError(f"unknown setting '{key}' of adapter '{name}'{hint} (settings: {', '.join(k for k in known if k not in INJECTED) or 'none'})")
         return value
 
     @property
@@ -89,7 +91,7 @@ def _exactly_one(value: Any, info: ValidationInfo, other: str, neither: str, bot
     return True
 
 
-class StreamConfig(_Section):
+class StreamConfig(Section):
     """The test stream each edge plays (``docs/tta.md``).
 
     Shifts: either ``shifts`` (explicit, in play order: ``"corruption@severity"``, a domain
@@ -124,8 +126,8 @@ class StreamConfig(_Section):
     def _seeds(cls, value: list[int]) -> list[int]:
         if not value:
             raise ValueError("give at least one seed")
-        if any(s < 0 for s in value):
-            raise ValueError(f"seeds must be >= 0 (got {value})")
+        if any(s < 0 or s > MAX_SEED for s in value):
+            raise ValueError(f"seeds must be in 0..2**64-1 (got {value})")
         if len(set(value)) != len(value):
             raise ValueError(f"seeds must be distinct (got {value})")
         return value
@@ -197,7 +199,7 @@ def _merged_stream(base: StreamConfig, override: dict[str, Any], prefix: str = "
         raise ValueError(f"{prefix}{loc}: {err['msg']}") from None
 
 
-class FoundationConfig(_Section):
+class FoundationConfig(Section):
     """CEMA's cloud foundation model: trained centrally on the pooled train data of the
     run's clients (all training domains), seeded, cached in the model run's folder
     (``foundation/<key>.safetensors``) so repeated adapt calls reuse it."""
@@ -209,10 +211,10 @@ class FoundationConfig(_Section):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    seed: int | None = Field(None, ge=0, description="default: the run's scenario seed")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: the run's scenario seed")
 
 
-class AdaptationConfig(_Section):
+class AdaptationConfig(Section):
     """Test-time adaptation of the trained model on each edge client's stream.
 
     ``adapter`` (one) or ``adapters`` (several, run on the same streams for comparison);

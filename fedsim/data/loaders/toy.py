@@ -11,6 +11,7 @@ import numpy as np
 
 from fedsim.config import DataConfig, ScenarioError
 from fedsim.data.base import DATASETS, DomainSplit, MultiDomainDataset
+from fedsim.data.loaders._files import Options
 
 DOMAINS = ("red", "green", "blue", "gray")
 _OPTIONS = {"train_per_domain", "test_per_domain", "num_classes", "seed", "mix_domains"}
@@ -44,12 +45,14 @@ def make_toy(image_size: int = 16, train_per_domain: int = 200, test_per_domain:
 
 @DATASETS.register("toy")
 def load_toy(cfg: DataConfig) -> MultiDomainDataset:
-    for key in cfg.options:
-        if key not in _OPTIONS:
-            raise ScenarioError(f"data.options.{key}: unknown option for toy (known: {', '.join(sorted(_OPTIONS))})")
+    opts = Options("toy", cfg.options, _OPTIONS)
     if cfg.domains:
         for d in cfg.domains:
             if d not in DOMAINS:
                 raise ScenarioError(f"data.domains: unknown domain '{d}' for toy (known: {', '.join(DOMAINS)})")
-    o = cfg.options
-    return make_toy(cfg.image_size, int(o.get("train_per_domain", 200)), int(o.get("test_per_domain", 60)), int(o.get("num_classes", 4)), int(o.get("seed", 0)), tuple(cfg.domains or DOMAINS))
+    # Bounds keep a typo from allocating gigabytes: the set is meant to be tiny.
+    train = opts.int("train_per_domain", 200, low=1, high=100_000)
+    test = opts.int("test_per_domain", 60, low=1, high=100_000)
+    classes = opts.int("num_classes", 4, low=2, high=1000)
+    seed = opts.int("seed", 0, low=0, high=2**32 - 1)
+    return make_toy(cfg.image_size, train, test, classes, seed, tuple(cfg.domains or DOMAINS))

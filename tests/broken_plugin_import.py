@@ -1,0 +1,3 @@
+"""A plug-in module that fails while importing (tests/broken/)."""
+
+raise RuntimeError("needs a licence server")
