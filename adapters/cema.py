@@ -198,12 +198,12 @@ def distillation_loss(
 def prepare_model(model: nn.Module, normalization: str, foundation: bool = False) -> nn.Module:
     """Eval mode, no gradients, BatchNorms replaced as ``normalization`` says (``"source"``
     keeps them for the edge model, uses test-batch statistics for the foundation)."""
-    model.eval()
-    model.requires_grad_(False)
     if normalization == "tbr":
         replace_modules(model, is_batchnorm, BatchRenorm)
     elif normalization == "batch" or foundation:
         replace_modules(model, is_batchnorm, lambda bn: MixedStatBatchNorm(bn, a=1.0))
+    model.eval()  # after the replacement: new modules start in training mode
+    model.requires_grad_(False)
     return model
 
 
