@@ -164,11 +164,12 @@ def _from_bytes(data: bytes, device: torch.device) -> Any:
 
 
 def play_edge(
-    edge: EdgeHalf, batches: list[Any], start: int, budget: int, reset_on_new_shift: bool, counters: dict[str, float], device: torch.device
+    edge: EdgeHalf, batches: list[Any], start: int, budget: int, reset_on_new_shift: bool, counters: dict[str, float], device: torch.device, was_reset: bool = False
 ) -> tuple[list[list[Any]], list[Payload | None], int, bool]:
     """Play batches from ``start`` through ``edge`` until its uploads since ``start`` reach
     ``budget`` (at least one batch), a shift where the adapter resets (``boundary``: the
-    cloud resets before that batch) or the end. ``counters`` (the edge's cumulative
+    cloud resets before that batch; ``was_reset``: this message already reset for the
+    shift at ``start``) or the end. ``counters`` (the edge's cumulative
     samples, batches, adapt_seconds, samples_uploaded, bytes_up) are updated in place.
     Returns the rows played (BatchRecord fields, metrics without the cloud's), each
     batch's upload, the next batch index and ``boundary``."""
@@ -177,7 +178,7 @@ def play_edge(
     uploaded, i, boundary = 0, start, False
     while i < len(batches):
         b = batches[i]
-        if reset_on_new_shift and i > start and b.segment != batches[i - 1].segment:
+        if reset_on_new_shift and i > 0 and b.segment != batches[i - 1].segment and not (i == start and was_reset):
             boundary = True
             break
         t0 = time.perf_counter()
@@ -246,11 +247,12 @@ def edge_split(runtime: ClientRuntime, msg: Message, context: Context) -> Messag
         counters = saved["counters"]
     if "update" in arrays:
         edge.apply({k: torch.from_numpy(v.copy()).to(runtime.device) for k, v in record_to_numpy(arrays["update"]).items()})
-    if bool(config.get("fedsim.reset", False)):  # the adapter resets at a new shift
+    was_reset = bool(config.get("fedsim.reset", False))
+    if was_reset:  # the adapter resets at a new shift
         edge.reset()
     batches, record, reset, _ = _stream(runtime, cid, seed)
     start = int(saved_record["next"])  # type: ignore[arg-type]
-    played, uploads, i, boundary = play_edge(edge, batches, start, int(config["fedsim.budget"]), reset, counters, runtime.device)
+    played, uploads, i, boundary = play_edge(edge, batches, start, int(config["fedsim.budget"]), reset, counters, runtime.device, was_reset)
     context.state[f"{key}.state"] = ConfigRecord({"next": i, "blob": _to_bytes({"edge": edge.state(), "counters": counters})})
     content = RecordDict(
         {
