@@ -28,7 +28,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 def example(tmp_path_factory: pytest.TempPathFactory) -> type[SplitAdapter]:
     """docs/extending.md's split-adapter block, saved as the one file it says it is."""
     text = DOC.read_text()
-    block = re.search(r"## A cloud-edge \(split\) adapter.*?```python\n(.*?)```", text, re.S)
+    block = re.search(r"## A cloud-edge \(split\) adapter.*?```python\n(.*?)```", text, re.DOTALL)
     assert block is not None, "docs/extending.md lost its split-adapter example"
     folder = tmp_path_factory.mktemp("example")
     (folder / "my_split.py").write_text(block.group(1))
