@@ -139,3 +139,61 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits) per row."""
     logp = torch.log_softmax(logits, dim=1)
     return -(logp.exp() * logp).sum(dim=1)
+
+
+class BatchRenorm(AdaptiveNorm):
+    """CEMA's "TBR" batch renormalization (official ``codebase/core/tta/tbr.py``,
+    ``tbr_bn_forward_impl``), replacing a BatchNorm.
+
+    With batch statistics ``mu_b``, ``var_b`` (over every dimension but the channel; the
+    *unbiased* variance, as ``torch.var_mean`` gives) and running ones ``mu_r``, ``var_r``::
+
+        s_b = sqrt(var_b + eps),  s_r = sqrt(var_r + eps)
+        r = s_b / s_r,  d = (mu_b - mu_r) / s_r            (both detached)
+        y = ((x - mu_b) / s_b * r + d) * weight + bias
+
+    The value equals normalizing with the running statistics, ``(x - mu_r) / s_r``; the
+    gradient flows through the batch statistics, scaled by ``r`` (batch renormalization).
+    The running statistics start unset: the first batch any forward sees sets them to its
+    own statistics. In training mode each forward then moves them by ``momentum`` (the
+    BatchNorm's, 0.1 by default) towards the batch's, after computing its output; in eval
+    mode they stay. A layer seeing one value per channel uses the biased variance (0)
+    where the official code would produce NaN.
+    """
+
+    def __init__(self, bn: _BatchNorm) -> None:
+        super().__init__()
+        self.eps = bn.eps
+        self.momentum = 0.1 if bn.momentum is None else float(bn.momentum)
+        self.num_features = c = bn.num_features
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.weight = nn.Parameter(bn.weight.detach().clone()) if bn.affine else None
+        self.bias = nn.Parameter(bn.bias.detach().clone()) if bn.affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [0, *range(2, x.ndim)]
+        count = x.numel() // x.shape[1]
+        batch_var, batch_mean = torch.var_mean(x, dim=dims, correction=1 if count > 1 else 0)
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.running_mean.copy_(batch_mean)
+                self.running_var.copy_(batch_var)
+                self.initialized.fill_(True)
+        if torch.is_grad_enabled():
+            view = lambda t: _channel_view(t, x.ndim)
+            batch_std = torch.sqrt(batch_var + self.eps)
+            running_std = torch.sqrt(self.running_var + self.eps)
+            r = batch_std.detach() / running_std
+            d = (batch_mean.detach() - self.running_mean) / running_std
+            y = (x - view(batch_mean)) / view(batch_std) * view(r) + view(d)
+            if self.weight is not None and self.bias is not None:
+                y = y * view(self.weight) + view(self.bias)
+        else:  # the same value in one fused kernel (no gradient to route through the batch)
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        if self.training:
+            with torch.no_grad():
+                self.running_mean.add_(batch_mean.detach() - self.running_mean, alpha=self.momentum)
+                self.running_var.add_(batch_var.detach() - self.running_var, alpha=self.momentum)
+        return y

@@ -167,11 +167,11 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
         "unmix_tns": UnMixTNS(model, num_components=16),
         # edge only: the cloud runs when `cloud_batch` uploads are pending, which never
         # happens here; the pending uploads are dropped after each timed batch.
-        "cema_edge": CEMA(model, foundation=foundation, cloud_batch=10**9),
+        "cema_edge": CEMA(model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0),
         # the same edge uploading every sample: bounds what the uint8 packing can add
-        "cema_edge_upload_all": CEMA(model, foundation=foundation, cloud_batch=10**9, upload_all=True),
-        # the edge keeping the source statistics (edge_bn: source): forward + filter only
-        "cema_edge_source_bn": CEMA(model, foundation=foundation, cloud_batch=10**9, edge_bn="source"),
+        "cema_edge_upload_all": CEMA(model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0, upload_all=True),
+        # the edge keeping the source statistics (normalization: source): forward + filter only
+        "cema_edge_source_bn": CEMA(model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0, normalization="source"),
         # test-batch normalization alone: the statistics pass CEMA's default edge shares
         "tbn": TBN(model),
     }
@@ -189,7 +189,7 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
             sync()
             total += time.perf_counter() - t0
             if name.startswith("cema_edge"):
-                adapters[name]._pending.clear()
+                adapters[name].cloud.pending.clear()
         return total / per_rep
 
     for name in steps:  # warm-up

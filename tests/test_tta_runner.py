@@ -81,8 +81,8 @@ def test_cema_metrics_and_plot(tmp_path) -> None:  # type: ignore[no-untyped-def
                           protocol="continual", batch_size=16, seed=0)
     cema = build_adapter("cema", small_bn_cnn(), foundation=small_bn_cnn(seed=4, width=12), upload_all=True)
     result = run_stream(cema, stream, reset_on_new_shift=False)
-    s = result.summary()
-    assert s["metrics"]["upload_fraction"] == 1.0 and s["metrics"]["bytes_up"] == 128 * 3 * 16 * 16
+    s = result.summary()  # bytes up: uint8 images + the BN statistics the edge's first batch set (float32, once)
+    assert s["metrics"]["upload_fraction"] == 1.0 and s["metrics"]["bytes_up"] == 128 * 3 * 16 * 16 + 4 * 2 * (8 + 8 + 16)
     assert s["metrics"]["bytes_down"] > 0
     assert [p["metrics"]["samples_uploaded"] for p in s["per_shift"]] == [64.0, 64.0]
     tbn = run_stream(build_adapter("tbn", small_bn_cnn()), stream, reset_on_new_shift=False)

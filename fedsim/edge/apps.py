@@ -71,11 +71,11 @@ def adapt(msg: Message, context: Context) -> Message:
     return edge_adapt(_runtime(context), msg, context)
 
 
-@client_app.query("cema")
-def cema(msg: Message, context: Context) -> Message:
-    from fedsim.edge.protocol import edge_cema
+@client_app.query("split")
+def split(msg: Message, context: Context) -> Message:
+    from fedsim.edge.protocol import edge_split
 
-    return edge_cema(_runtime(context), msg, context)
+    return edge_split(_runtime(context), msg, context)
 
 
 # -- cloud -----------------------------------------------------------------------------------

@@ -6,20 +6,25 @@ Two message types, both answered by fedsim's deployed ClientApp (:mod:`fedsim.ed
   cloud sends the global model; the edge deploys it (with its own local state when the
   deployment is personalized), builds its own stream and plays it through each adapter,
   then replies with the per-batch scores. Nothing is uploaded.
-- ``query.cema`` (cloud-edge adapters, :class:`adapters.cema.CEMA`): the edge predicts
-  forward-only and runs CEMA's filters; it plays batches until it has uploaded what the
-  cloud still needs for its next round (or a shift boundary where the adapter resets, or
-  the end of its stream), then replies with the selected uint8 images. The cloud buffers
-  them, runs its rounds (:class:`adapters.cema.CemaCloud`) and sends the new normalization
-  affine parameters with the next message. The edge's filter state lives in the
-  SuperNode's ``Context.state`` between messages (each message runs in a fresh process).
+- ``query.split`` (cloud-edge adapters: any :class:`adapters.base.SplitAdapter`, e.g. CEMA):
+  the edge builds the adapter's edge half (``make_edge``) around its deployed model and
+  plays batches (:func:`play_edge`: predict, select the upload) until its uploads reach
+  the cloud half's ``upload_budget`` (at least one batch), a shift where the adapter
+  resets, or the end of its stream; it replies with each batch's upload. The cloud hands
+  them to its cloud half batch by batch (:func:`cloud_take`) and sends the model update it
+  returns with the next message. The edge half's state (``state()`` / ``load_state()``)
+  and counters live in the SuperNode's ``Context.state`` between messages (each message
+  runs in a fresh process).
 
-The sequence of edge forwards, uploads, cloud rounds and parameter updates is the one the
-in-process :class:`adapters.cema.CEMA` runs, so a demo scores what the simulation scores.
+The sequence of edge forwards, uploads, cloud steps and model updates is the one the
+in-process :class:`~adapters.base.SplitAdapter` runs, so a demo scores what the simulation
+scores. Nothing here names a particular adapter.
 """
 
 from __future__ import annotations
 
+import inspect
+import io
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -29,8 +34,10 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from adapters import adapter_settings, build_adapter
+from adapters.base import CloudHalf, EdgeHalf, Payload, SplitAdapter, payload_bytes, uploaded_samples
 from fedsim.arrays import numpy_to_record, record_to_numpy
-from fedsim.tta.config import AdaptationConfig, AdapterSpec
+from fedsim.tta.config import AdaptationConfig, AdapterSpec, adapter_class
 from fedsim.tta.runner import BatchRecord, StreamResult
 
 if TYPE_CHECKING:
@@ -39,7 +46,7 @@ if TYPE_CHECKING:
     from fedsim.tta.deploy import ModelRun
 
 ADAPT = "query.adapt"
-CEMA_STEP = "query.cema"
+SPLIT_STEP = "query.split"
 LOCAL_ITEM = "local"
 
 
@@ -133,99 +140,146 @@ def edge_adapt(runtime: ClientRuntime, msg: Message, context: Context) -> Messag
     return Message(RecordDict({"config": ConfigRecord({"results": json.dumps(out)})}), reply_to=msg)
 
 
-def _cema_filter_settings(spec: AdapterSpec) -> dict[str, Any]:
-    from adapters import adapter_settings
-    from adapters.cema import CEMA
+def split_class(spec: AdapterSpec) -> type[SplitAdapter] | None:
+    """The spec's adapter class if it is a cloud-edge (split) adapter, else None."""
+    cls = adapter_class(spec.name)
+    return cls if issubclass(cls, SplitAdapter) else None
 
-    return {**adapter_settings(CEMA), **spec.args}
+
+def edge_settings(cls: type[SplitAdapter], spec: AdapterSpec) -> dict[str, Any]:
+    """The settings a device builds its edge half with: defaults, then the spec's args
+    (settings fedsim injects, such as a foundation model, stay absent)."""
+    defaults = {k: v for k, v in adapter_settings(cls).items() if v is not inspect.Parameter.empty}
+    return {**defaults, **spec.args}
 
 
-def edge_cema(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
-    """``query.cema``: forward-only predictions and CEMA's upload filter (module docstring)."""
-    from adapters._norm import norm_affine_parameters
-    from adapters.cema import CemaEdgeFilter, copy_affine, prepare_edge_model
+def _to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
-    config = _config(msg)
-    cid = runtime.client_id(context)
-    spec_index, seed = int(config["fedsim.spec"]), int(config["fedsim.seed"])
-    spec = _adaptation(runtime).adapter_specs()[spec_index]
-    key = f"fedsim.cema.{seed}.{spec_index}"
-    arrays = msg.content.array_records
-    if "model" in arrays:  # first message of this stream: keep the deployed model's arrays
-        context.state[f"{key}.model"] = arrays["model"]
-        context.state[f"{key}.state"] = ConfigRecord({"next": 0, "json": json.dumps({})})
-    saved = json.loads(str(context.state.config_records[f"{key}.state"]["json"]))
-    settings = _cema_filter_settings(spec)
-    model = prepare_edge_model(_deploy(runtime, record_to_numpy(context.state.array_records[f"{key}.model"]), cid, config), settings["edge_bn"])
-    edge_filter = CemaEdgeFilter(settings)
-    if saved.get("filter"):
-        edge_filter.load_state({**saved["filter"], "p_mean": saved["filter"].get("p_mean")})
-    if saved.get("affine") is not None:
-        copy_affine(model, [torch.tensor(a, dtype=torch.float32) for a in saved["affine"]])
-    if "affine" in arrays:
-        copy_affine(model, [torch.from_numpy(v.copy()) for v in record_to_numpy(arrays["affine"]).values()])
-    if bool(config.get("fedsim.reset", False)):  # the adapter resets at a new shift
-        model = prepare_edge_model(_deploy(runtime, record_to_numpy(context.state.array_records[f"{key}.model"]), cid, config), settings["edge_bn"])
-        edge_filter.clear()
-    counters = saved.get("counters", {"samples": 0.0, "batches": 0.0, "adapt_seconds": 0.0, "samples_uploaded": 0.0, "bytes_up": 0.0})
 
-    batches, record, reset, _ = _stream(runtime, cid, seed)
-    start = int(context.state.config_records[f"{key}.state"]["next"])
-    needed = int(config["fedsim.needed"])
-    uploads: list[torch.Tensor] = []
-    played: list[list[Any]] = []
-    uploaded = 0
-    i = start
-    boundary = False
+def _from_bytes(data: bytes, device: torch.device) -> Any:
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
+def play_edge(
+    edge: EdgeHalf, batches: list[Any], start: int, budget: int, reset_on_new_shift: bool, counters: dict[str, float], device: torch.device, was_reset: bool = False
+) -> tuple[list[list[Any]], list[Payload | None], int, bool]:
+    """Play batches from ``start`` through ``edge`` until its uploads since ``start`` reach
+    ``budget`` (at least one batch), a shift where the adapter resets (``boundary``: the
+    cloud resets before that batch; ``was_reset``: this message already reset for the
+    shift at ``start``) or the end. ``counters`` (the edge's cumulative
+    samples, batches, adapt_seconds, samples_uploaded, bytes_up) are updated in place.
+    Returns the rows played (BatchRecord fields, metrics without the cloud's), each
+    batch's upload, the next batch index and ``boundary``."""
+    rows: list[list[Any]] = []
+    uploads: list[Payload | None] = []
+    uploaded, i, boundary = 0, start, False
     while i < len(batches):
         b = batches[i]
-        if reset and i > start and b.segment != batches[i - 1].segment:
-            boundary = True  # the cloud must reset before this batch
+        if reset_on_new_shift and i > 0 and b.segment != batches[i - 1].segment and not (i == start and was_reset):
+            boundary = True
             break
         t0 = time.perf_counter()
-        x = b.x.to(runtime.device, torch.float32)
-        with torch.no_grad():
-            logits = model(x)
-        images = edge_filter.uploads(x, edge_filter.select(logits))
+        x = b.x.to(device, torch.float32)
+        logits = edge.predict(x)
+        upload = edge.select(x, logits)
         seconds = time.perf_counter() - t0
         correct = int((logits.argmax(1).cpu() == torch.as_tensor(b.y)).sum())
         n = int(b.x.shape[0])
         counters["samples"] += n
         counters["batches"] += 1
         counters["adapt_seconds"] += seconds
-        if images is not None:
-            uploads.append(images)
-            uploaded += int(images.shape[0])
-            counters["samples_uploaded"] += int(images.shape[0])
-            counters["bytes_up"] += int(images.numel())
-        played.append([b.index, b.segment, b.shift, n, correct, seconds, dict(counters)])
+        counters["samples_uploaded"] += uploaded_samples(upload)
+        counters["bytes_up"] += payload_bytes(upload)
+        uploaded += uploaded_samples(upload)
+        uploads.append(upload)
+        rows.append([b.index, b.segment, b.shift, n, correct, seconds, dict(counters)])
         i += 1
-        if uploaded >= needed:
+        if uploaded >= budget:
             break
-    filter_state = edge_filter.state()
-    if filter_state["p_mean"] is not None:
-        filter_state["p_mean"] = filter_state["p_mean"].tolist()
-    saved = {"filter": filter_state, "affine": [p.detach().cpu().tolist() for p in norm_affine_parameters(model)], "counters": counters}
-    context.state[f"{key}.state"] = ConfigRecord({"next": i, "json": json.dumps(saved)})
-    done = i >= len(batches)
+    return rows, uploads, i, boundary
+
+
+def cloud_take(cloud: CloudHalf, rows: list[BatchRecord], uploads: list[Payload | None], bytes_down: float) -> tuple[Payload | None, float]:
+    """The cloud's side of one reply: each played batch's upload in order, as the
+    in-process :class:`~adapters.base.SplitAdapter` hands them over. Completes each row's
+    metrics as the in-process adapter reports them after that batch and returns the update
+    for the edge's next message (None: none) and the bytes sent down so far."""
+    update: Payload | None = None
+    for j, (row, upload) in enumerate(zip(rows, uploads, strict=True)):
+        update = cloud.receive(upload)
+        if update is not None:
+            if j + 1 < len(rows):
+                raise RuntimeError("the split adapter's upload_budget let the edge play past a model update")
+            bytes_down += payload_bytes(update)
+        seen = row.metrics["samples"]
+        row.metrics = {**row.metrics, "upload_fraction": row.metrics["samples_uploaded"] / seen if seen else 0.0, "bytes_down": float(bytes_down), **cloud.metrics()}
+    return update, bytes_down
+
+
+def _payload_record(payload: Payload, prefix: str = "") -> ArrayRecord:
+    return numpy_to_record({f"{prefix}{k}": v.detach().cpu().numpy() for k, v in payload.items()})
+
+
+def edge_split(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
+    """``query.split``: the edge half of a cloud-edge adapter (module docstring)."""
+    config = _config(msg)
+    cid = runtime.client_id(context)
+    spec_index, seed = int(config["fedsim.spec"]), int(config["fedsim.seed"])
+    spec = _adaptation(runtime).adapter_specs()[spec_index]
+    cls = split_class(spec)
+    if cls is None:
+        raise RuntimeError(f"adapter '{spec.name}' is not a cloud-edge (split) adapter")
+    key = f"fedsim.split.{seed}.{spec_index}"
+    arrays = msg.content.array_records
+    if "model" in arrays:  # first message of this stream: keep the deployed model's arrays
+        context.state[f"{key}.model"] = arrays["model"]
+        context.state[f"{key}.state"] = ConfigRecord({"next": 0, "blob": b""})
+    saved_record = context.state.config_records[f"{key}.state"]
+    edge = cls.make_edge(_deploy(runtime, record_to_numpy(context.state.array_records[f"{key}.model"]), cid, config), edge_settings(cls, spec))
+    counters = {"samples": 0.0, "batches": 0.0, "adapt_seconds": 0.0, "samples_uploaded": 0.0, "bytes_up": 0.0}
+    blob = bytes(saved_record["blob"])  # type: ignore[arg-type]
+    if blob:
+        saved = _from_bytes(blob, runtime.device)
+        edge.load_state(saved["edge"])
+        counters = saved["counters"]
+    if "update" in arrays:
+        edge.apply({k: torch.from_numpy(v.copy()).to(runtime.device) for k, v in record_to_numpy(arrays["update"]).items()})
+    was_reset = bool(config.get("fedsim.reset", False))
+    if was_reset:  # the adapter resets at a new shift
+        edge.reset()
+    batches, record, reset, _ = _stream(runtime, cid, seed)
+    start = int(saved_record["next"])  # type: ignore[arg-type]
+    played, uploads, i, boundary = play_edge(edge, batches, start, int(config["fedsim.budget"]), reset, counters, runtime.device, was_reset)
+    context.state[f"{key}.state"] = ConfigRecord({"next": i, "blob": _to_bytes({"edge": edge.state(), "counters": counters})})
     content = RecordDict(
         {
-            "config": ConfigRecord({"batches": json.dumps(played), "done": done, "boundary": boundary, "record": json.dumps(record) if start == 0 else ""}),
-            "metrics": MetricRecord({"uploaded": uploaded}),
+            "config": ConfigRecord({"batches": json.dumps(played), "done": i >= len(batches), "boundary": boundary, "record": json.dumps(record) if start == 0 else ""}),
+            "metrics": MetricRecord({"uploaded": sum(uploaded_samples(u) for u in uploads)}),
         }
     )
-    if uploads:
-        content["uploads"] = numpy_to_record({"images": torch.cat(uploads).numpy()})
+    sent = {f"{j}/{k}": v for j, u in enumerate(uploads) if u for k, v in u.items()}
+    if sent:
+        content["uploads"] = _payload_record(sent)
     return Message(content, reply_to=msg)
+
+
+def _uploads_of(reply: Message, count: int) -> list[Payload | None]:
+    out: list[Payload | None] = [None] * count
+    if "uploads" in reply.content:
+        for name, arr in record_to_numpy(reply.content["uploads"]).items():
+            j, key = name.split("/", 1)
+            payload = out[int(j)] or {}
+            payload[key] = torch.from_numpy(arr.copy())
+            out[int(j)] = payload
+    return out
 
 
 # -- the cloud side (runs in the ServerApp) ------------------------------------------------
 def is_cloud_edge(spec: AdapterSpec) -> bool:
-    from adapters.cema import CEMA
-    from fedsim.tta.config import adapter_class
-
-    cls = adapter_class(spec.name)
-    return isinstance(cls, type) and issubclass(cls, CEMA)
+    return split_class(spec) is not None
 
 
 class EdgePlayer:
@@ -284,35 +338,36 @@ class EdgePlayer:
                     yield self.specs[item["spec"]], e, res, item["description"]
         for spec in specs:
             if is_cloud_edge(spec):
-                yield from self._play_cema(seed, edges, spec)
+                yield from self._play_split(seed, edges, spec)
 
-    def _play_cema(self, seed: int, edges: list[int], spec: AdapterSpec) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]:
-        from adapters import build_adapter
-        from adapters.cema import CEMA
+    def _play_split(self, seed: int, edges: list[int], spec: AdapterSpec) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]:
         from fedsim.tta.players import adapter_args
         from fedsim.tta.streams import stream_seed
 
         index = self.specs.index(spec)
-        clouds: dict[int, CEMA] = {}
+        adapters: dict[int, SplitAdapter] = {}
         for e in edges:
             adapter = build_adapter(spec.name, self.models[e], **adapter_args(spec, stream_seed(seed, e), self.foundation))
-            assert isinstance(adapter, CEMA)
-            clouds[e] = adapter
+            assert isinstance(adapter, SplitAdapter)
+            adapters[e] = adapter
         batches: dict[int, list[BatchRecord]] = {e: [] for e in edges}
         records: dict[int, dict[str, Any]] = {}
-        affine: dict[int, ArrayRecord | None] = {e: None for e in edges}
+        update: dict[int, Payload | None] = {e: None for e in edges}
+        bytes_down: dict[int, float] = {e: 0.0 for e in edges}
         reset_next: dict[int, bool] = {e: False for e in edges}
         active = list(edges)
         first = True
         while active:
             msgs = []
             for e in active:
-                content = RecordDict({"config": ConfigRecord(self._config(seed, **{"fedsim.spec": index, "fedsim.needed": clouds[e].cloud.needed(), "fedsim.reset": reset_next[e]}))})
+                extra = {"fedsim.spec": index, "fedsim.budget": adapters[e].cloud.upload_budget(), "fedsim.reset": reset_next[e]}
+                content = RecordDict({"config": ConfigRecord(self._config(seed, **extra))})
                 if first:
                     content["model"] = self.global_record
-                if affine[e] is not None:
-                    content["affine"] = affine[e]
-                msgs.append(Message(content, dst_node_id=e, message_type=CEMA_STEP))
+                pending = update[e]
+                if pending is not None:
+                    content["update"] = _payload_record(pending)
+                msgs.append(Message(content, dst_node_id=e, message_type=SPLIT_STEP))
             replies = self._send(msgs)
             first = False
             still = []
@@ -321,32 +376,23 @@ class EdgePlayer:
                 cfg = reply.content["config"]
                 if cfg["record"]:
                     records[e] = json.loads(str(cfg["record"]))
-                cloud = clouds[e].cloud
+                cloud = adapters[e].cloud
                 rows = [BatchRecord(*row) for row in json.loads(str(cfg["batches"]))]
-                # Cloud counters as the in-process adapter reports them after each batch:
-                # only the last batch of a reply can have started cloud rounds.
-                for row in rows:
-                    row.metrics = {**row.metrics, "upload_fraction": row.metrics["samples_uploaded"] / row.metrics["samples"], "bytes_down": float(cloud.bytes_down), "cloud_steps": float(cloud.steps)}
-                affine[e], reset_next[e] = None, False
-                if "uploads" in reply.content:
-                    images = torch.from_numpy(record_to_numpy(reply.content["uploads"])["images"].copy())
-                    if cloud.receive(images):
-                        affine[e] = numpy_to_record({f"p{i}": p.detach().cpu().numpy() for i, p in enumerate(cloud.edge_affine())})
-                if rows:
-                    rows[-1].metrics.update(bytes_down=float(cloud.bytes_down), cloud_steps=float(cloud.steps))
+                update[e], bytes_down[e] = cloud_take(cloud, rows, _uploads_of(reply, len(rows)), bytes_down[e])
+                reset_next[e] = False
                 if bool(cfg["boundary"]):
                     cloud.reset()
-                    affine[e], reset_next[e] = None, True
+                    update[e], reset_next[e] = None, True
                 batches[e].extend(rows)
                 done = bool(cfg["done"])
                 last = batches[e][-1] if batches[e] else None
+                m = last.metrics if last and last.metrics else {}
                 self.progress(
                     {
                         "edge": e, "adapter": spec.display, "seed": seed, "batches": len(batches[e]),
                         "samples": sum(b.samples for b in batches[e]), "correct": sum(b.correct for b in batches[e]),
-                        "uploaded": int(last.metrics["samples_uploaded"]) if last else 0,
-                        "bytes_up": float(last.metrics["bytes_up"]) if last else 0.0,
-                        "bytes_down": float(cloud.bytes_down), "cloud_steps": cloud.steps, "done": done, "on_device": False,
+                        "uploaded": int(m.get("samples_uploaded", 0)), "bytes_up": float(m.get("bytes_up", 0.0)),
+                        "bytes_down": bytes_down[e], "cloud_steps": int(m.get("cloud_steps", 0)), "done": done, "on_device": False,
                         "seconds": sum(b.seconds for b in batches[e]),
                     }
                 )
@@ -359,4 +405,4 @@ class EdgePlayer:
             res.metrics = dict(batches[e][-1].metrics) if batches[e] else {}
             res.segment_metrics = segment_changes(batches[e])
             res.stream = records[e]
-            yield spec, e, res, clouds[e].describe()
+            yield spec, e, res, adapters[e].describe()
