@@ -212,9 +212,9 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
         "per_batch_ms": {k: 1000 * statistics.median(v) for k, v in per_batch.items()},
         "ratio": {k: statistics.median(v) for k, v in ratios.items()},
         "ratios_all": ratios,
-        "cema_upload_fraction": cema.samples_uploaded / max(cema._samples, 1),
-        "cema_cloud_steps": cema.cloud_steps,
-        "cema_all_upload_fraction": cema_all.samples_uploaded / max(cema_all._samples, 1),
+        "cema_upload_fraction": cema.metrics()["upload_fraction"],
+        "cema_cloud_steps": cema.metrics()["cloud_steps"],
+        "cema_all_upload_fraction": cema_all.metrics()["upload_fraction"],
     }
 
 
