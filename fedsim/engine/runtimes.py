@@ -40,6 +40,12 @@ def run_inline(experiment: FederatedRun) -> None:
 # aggregates well within this.
 RAY_STOP_WAIT_S = 60.0
 
+# Ray actor options Flower passes through ``client_resources`` (to ``ClientAppActor.options``):
+# a client actor whose process dies (e.g. cannot start a thread on a loaded machine) is
+# restarted and its call retried, instead of failing the round. A retried ClientApp call
+# gives the same reply: client training is seeded by (seed, round, client).
+ACTOR_RETRIES = {"max_restarts": 2, "max_task_retries": 2}
+
 
 class RayRuntimeError(RuntimeError):
     """Flower's simulation runtime on Ray failed (starting or joining Ray included);
@@ -84,7 +90,7 @@ def run_ray(experiment: FederatedRun) -> None:
     sc = experiment.scenario
     rt = sc.runtime
     backend_config = {
-        "client_resources": {"num_cpus": rt.cpus_per_client, "num_gpus": rt.gpus_per_client},
+        "client_resources": {"num_cpus": rt.cpus_per_client, "num_gpus": rt.gpus_per_client, **ACTOR_RETRIES},
         "init_args": ray_init_args(rt.address, rt.cpus_per_client),
     }
     stop = threading.Event()
