@@ -242,4 +242,4 @@ class StoppableGrid(Grid):
         return replies
 
 
-__all__ = ["InlineGrid", "PartitionGrid", "StoppableGrid", "RunStopped", "Traffic", "ArrayRecord"]
+__all__ = ["ArrayRecord", "InlineGrid", "PartitionGrid", "RunStopped", "StoppableGrid", "Traffic"]

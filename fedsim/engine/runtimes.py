@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 from flwr.app import Context, RecordDict
-from flwr.serverapp import Grid, ServerApp
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.engine.client import make_client_app
