@@ -10,7 +10,6 @@ Run with ``flwr.simulation.run_simulation`` on Ray, with the same backend config
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -23,6 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 from benchmarks._perf_bare import client_seed, local_train, score
 from fedsim.config import Scenario
 from fedsim.data.loading import ClientDataCache
+from fedsim.engine.runtimes import ray_init_args
 from fedsim.models import build_model
 
 _CACHE: dict[str, tuple[ClientDataCache, torch.nn.Module, torch.device]] = {}
@@ -95,7 +95,7 @@ def run_flower(sc: Scenario) -> None:
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     rt = sc.runtime
-    init_args: dict = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True, "num_cpus": max(int(os.cpu_count() or 1), int(rt.cpus_per_client))}
+    init_args = ray_init_args(rt.address, rt.cpus_per_client)
     server_app, client_app = make_apps(sc)
     run_simulation(
         server_app=server_app,

@@ -1,14 +1,32 @@
-"""The ray runtime (Flower's simulation engine on Ray) agrees with the inline runtime."""
+"""The ray runtime (Flower's simulation engine on Ray): agrees with the inline runtime,
+starts a private Ray or joins a given cluster, and always ends in bounded time (Ctrl-C,
+a crashing runtime), leaving no Ray process behind (see also conftest's
+``_no_leftover_processes``)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
+from conftest import TEST_TOKEN_ENV, describe, stop_pids, write_scenario
 
 from fedsim.cli import main
+from fedsim.edge.processes import processes_with_token
 
 pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+# One Ray actor (all CPUs for one client) is enough to compare with the inline runtime, and
+# keeps processes and threads few on a loaded machine.
+ONE_ACTOR = f"runtime.cpus_per_client={os.cpu_count() or 1}"
 
 
 def metrics(out):
@@ -26,7 +44,7 @@ def metrics(out):
 def test_ray_and_inline_agree(toy_yaml, tmp_path, strategy):
     common = [*strategy, "runtime.num_threads=1"]
     assert main(["run", str(toy_yaml), *common, "--out", str(tmp_path / "inline")]) == 0
-    assert main(["run", str(toy_yaml), *common, "runtime=ray", "--out", str(tmp_path / "ray")]) == 0
+    assert main(["run", str(toy_yaml), *common, "runtime=ray", ONE_ACTOR, "--out", str(tmp_path / "ray")]) == 0
     a, b = metrics(tmp_path / "inline"), metrics(tmp_path / "ray")
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
@@ -43,3 +61,139 @@ def test_ray_and_inline_agree(toy_yaml, tmp_path, strategy):
         for k in sa:
             if not k.endswith("_s"):
                 assert sa[k] == pytest.approx(sb[k], rel=1e-4, abs=1e-6), k
+
+
+# -- fedsim run as a real process ----------------------------------------------------------
+def fedsim(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m fedsim.cli ARGS`` in its own session (so it has its own process group,
+    as a shell job has), this checkout first on the path."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "COLUMNS": "200"}
+    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"fedsim did not end within {timeout:.0f}s: {err[-3000:]}")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of process group ``pgid`` (a private Ray's gcs_server, raylet and
+    workers stay in the driver's group)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def gone(pgid: int, wait_s: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + wait_s
+    while (left := group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def test_ctrl_c_ends_the_run_keeps_rounds_and_resumes(tmp_path):
+    """SIGINT to the run's process group (what Ctrl-C in a terminal does) during a Ray run:
+    it ends within a minute, says how to resume, keeps the finished rounds, leaves no Ray
+    process, and the advised ``--resume`` finishes the run."""
+    path = write_scenario(tmp_path / "s.yaml", rounds=30, runtime={"name": "ray", "cpus_per_client": os.cpu_count() or 1})
+    out = tmp_path / "run"
+    proc = fedsim("run", str(path), "--out", str(out))
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = finish(proc, timeout=90)
+    assert proc.returncode == 1, err[-3000:]
+    assert f"interrupted; continue with: fedsim run --resume {out}" in err
+    assert gone(proc.pid) == []
+    rounds = [json.loads(x)["round"] for x in metrics.read_text().splitlines()]
+    assert rounds == list(range(1, len(rounds) + 1)) and 2 <= len(rounds) < 30
+
+    again = fedsim("run", "--resume", str(out))
+    _, err = finish(again, timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert [json.loads(x)["round"] for x in metrics.read_text().splitlines()] == list(range(1, 31))
+    assert gone(again.pid) == []
+
+
+# -- an existing cluster (`ray start --head`) ----------------------------------------------
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head():
+    """A one-CPU Ray head on loopback, as ``ray start --head`` leaves it: daemons, and the
+    address file that a plain ``ray.init()`` joins. Everything under a private temp dir
+    (RAY_TMPDIR for the runs, so only they see its address file), explicit free ports,
+    stopped by pid (never ``ray stop``, which stops every cluster on the machine)."""
+    # Short: Ray's unix socket paths live under it and must stay under 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="fsray-", dir="/tmp"))
+    gcs, node_manager, object_manager, client_server, agent, agent_grpc, env_agent, metrics, *workers = free_ports(16)
+    env = {**os.environ, "RAY_TMPDIR": str(root)}
+    argv = [
+        shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--temp-dir", str(root / "ray"),
+        "--num-cpus", "1", "--port", str(gcs), "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
+        "--ray-client-server-port", str(client_server), "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics), "--worker-port-list", ",".join(map(str, workers)),
+        "--include-dashboard", "false", "--disable-usage-stats",
+    ]
+    try:
+        started = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stderr[-3000:]
+        assert (root / "ray" / "ray_current_cluster").is_file()
+        yield {"address": f"127.0.0.1:{gcs}", "env": {"RAY_TMPDIR": str(root)}, "session": (root / "ray" / "session_latest").resolve()}
+    finally:
+        stop_pids(processes_with_token(os.environ[TEST_TOKEN_ENV], env=TEST_TOKEN_ENV))
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_existing_cluster_private_join_and_crash(ray_head, tmp_path):
+    """With a `ray start` cluster's address file present: no runtime.address -> a private
+    local Ray (not the cluster, whose CPU count would clash); runtime.address -> that
+    cluster is joined; a runtime that cannot start (clients too big for the one-CPU
+    cluster) ends at once with one line saying why, not after minutes of waiting."""
+    path = write_scenario(tmp_path / "s.yaml", rounds=2, runtime={"name": "ray"})
+    cluster = {p for p in processes_with_token(os.environ[TEST_TOKEN_ENV], env=TEST_TOKEN_ENV)}
+
+    private = fedsim("run", str(path), "--out", str(tmp_path / "private"), env=ray_head["env"])
+    _, err = finish(private, timeout=300)
+    assert private.returncode == 0, err[-3000:]
+    assert gone(private.pid) == [], describe(group_members(private.pid))
+
+    drivers = set((ray_head["session"] / "logs").glob("python-core-driver-*"))
+    joined = fedsim("run", str(path), f"runtime.address={ray_head['address']}", "--out", str(tmp_path / "joined"), env=ray_head["env"])
+    _, err = finish(joined, timeout=300)
+    assert joined.returncode == 0, err[-3000:]
+    assert set((ray_head["session"] / "logs").glob("python-core-driver-*")) - drivers, "no driver joined the cluster"
+    assert [json.loads(x)["accuracy"] for x in (tmp_path / "joined" / "metrics.jsonl").read_text().splitlines()] == [
+        json.loads(x)["accuracy"] for x in (tmp_path / "private" / "metrics.jsonl").read_text().splitlines()
+    ]
+
+    crash = fedsim("run", str(path), f"runtime.address={ray_head['address']}", "runtime.cpus_per_client=2", "--out", str(tmp_path / "crash"), env=ray_head["env"])
+    _, err = finish(crash, timeout=120)
+    assert crash.returncode == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"runtime ray (Ray at {ray_head['address']})" in errors[0], err[-3000:]
+    assert cluster <= set(processes_with_token(os.environ[TEST_TOKEN_ENV], env=TEST_TOKEN_ENV)), "the cluster must survive its clients"

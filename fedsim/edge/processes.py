@@ -66,9 +66,10 @@ def _executable(name: str) -> str:
     return found
 
 
-def processes_with_token(token: str) -> list[int]:
-    """Pids of live processes whose environment carries ``FEDSIM_EDGE_TOKEN=token``."""
-    needle = f"{TOKEN_ENV}={token}".encode()
+def processes_with_token(token: str, env: str = TOKEN_ENV) -> list[int]:
+    """Pids of live processes whose environment carries ``env=token`` (by default
+    ``FEDSIM_EDGE_TOKEN``; the tests' own supervisor uses another variable)."""
+    needle = f"{env}={token}".encode()
     pids = []
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():

@@ -8,10 +8,16 @@ strategies *partition ids* as node ids. Flower's node ids are random; partition 
 not, so seeded sampling picks the same clients on every runtime. It also counts the bytes
 that cross it and returns replies sorted by client, so aggregation order (and so float
 sums) does not depend on which client finished first.
+
+:class:`StoppableGrid` wraps Flower's simulation grid so that the ServerApp thread ends
+at its next grid call once the runtime has stopped (crash, Ctrl-C): Flower's own grid
+would wait for replies that will never come, and that non-daemon thread would keep the
+process alive.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -182,4 +188,58 @@ class PartitionGrid(Grid):
         return t
 
 
-__all__ = ["InlineGrid", "PartitionGrid", "Traffic", "ArrayRecord"]
+class RunStopped(RuntimeError):
+    """The runtime under the ServerApp stopped; raised at the ServerApp's next grid call."""
+
+
+@dataclass
+class StoppableGrid(Grid):
+    """``inner`` with every wait cut short by ``stop`` (raises :class:`RunStopped`)."""
+
+    inner: Grid
+    stop: threading.Event
+    poll_s: float = 0.1
+
+    def _check(self) -> None:
+        if self.stop.is_set():
+            raise RunStopped("the simulation runtime stopped")
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._check()
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._check()
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self._check()
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        # Flower's Grid.send_and_receive, with the stop event as the sleep between pulls.
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.inner.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            if self.stop.wait(self.poll_s):
+                self._check()
+        return replies
+
+
+__all__ = ["ArrayRecord", "InlineGrid", "PartitionGrid", "RunStopped", "StoppableGrid", "Traffic"]

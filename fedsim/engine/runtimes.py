@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from typing import Any
 
 from flwr.app import Context, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.engine.client import make_client_app
-from fedsim.engine.grid import InlineGrid
+from fedsim.engine.grid import InlineGrid, StoppableGrid
 from fedsim.engine.server import FederatedRun
 
 
@@ -30,29 +34,102 @@ def run_inline(experiment: FederatedRun) -> None:
     experiment.drive(grid)
 
 
+# How long the ServerApp thread and Flower's worker threads get to end once the runtime
+# has stopped: the ServerApp notices at its next grid call (StoppableGrid), a worker once
+# its ClientApp call returns or its actor is gone. A round of the biggest scenario here
+# aggregates well within this.
+RAY_STOP_WAIT_S = 60.0
+
+# Ray actor options Flower passes through ``client_resources`` (to ``ClientAppActor.options``):
+# a client actor whose process dies (e.g. cannot start a thread on a loaded machine) is
+# restarted and its call retried, instead of failing the round. A retried ClientApp call
+# gives the same reply: client training is seeded by (seed, round, client).
+ACTOR_RETRIES = {"max_restarts": 2, "max_task_retries": 2}
+
+
+class RayRuntimeError(RuntimeError):
+    """Flower's simulation runtime on Ray failed (starting or joining Ray included);
+    one line naming the root cause, instead of Flower's generic message."""
+
+
+def ray_init_args(address: str | None, cpus_per_client: float) -> dict[str, Any]:
+    """``ray.init`` arguments. Without ``address`` a private local Ray is started,
+    even when ``ray start`` left an address file or RAY_ADDRESS is set (``ray.init()``
+    would join that cluster and then refuse ``num_cpus``); with it, that cluster is
+    joined as it is (its resources are its own)."""
+    if address:
+        return {"address": address, "logging_level": logging.ERROR, "log_to_driver": True}
+    return {
+        "address": "local",
+        "num_cpus": max(int(os.cpu_count() or 1), int(cpus_per_client)),
+        "include_dashboard": False,
+        "logging_level": logging.ERROR,
+        "log_to_driver": True,
+    }
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
 def run_ray(experiment: FederatedRun) -> None:
-    """Flower's simulation engine on Ray (joins a cluster when runtime.address is set)."""
+    """Flower's simulation engine on Ray (joins a cluster when runtime.address is set).
+
+    Ends in bounded time whatever happens: the ServerApp sees a :class:`StoppableGrid`
+    that is stopped as soon as ``run_simulation`` returns or raises (Ctrl-C included),
+    the threads Flower started are joined with a timeout, and Ray is shut down."""
+    import ray  # heavy, only for this runtime
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
     sc = experiment.scenario
     rt = sc.runtime
-    init_args: dict = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
-    if rt.address:
-        init_args = {"address": rt.address}
-    else:
-        init_args["num_cpus"] = max(int(os.cpu_count() or 1), int(rt.cpus_per_client))
     backend_config = {
-        "client_resources": {"num_cpus": rt.cpus_per_client, "num_gpus": rt.gpus_per_client},
-        "init_args": init_args,
+        "client_resources": {"num_cpus": rt.cpus_per_client, "num_gpus": rt.gpus_per_client, **ACTOR_RETRIES},
+        "init_args": ray_init_args(rt.address, rt.cpus_per_client),
     }
-    run_simulation(
-        server_app=experiment.server_app(),
-        client_app=make_client_app(sc, str(experiment.run.path)),
-        num_supernodes=experiment.num_clients,
-        backend_config=backend_config,
-    )
+    stop = threading.Event()
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        experiment.drive(StoppableGrid(grid, stop))
+
+    before = set(threading.enumerate())
+    try:
+        run_simulation(
+            server_app=app,
+            client_app=make_client_app(sc, str(experiment.run.path)),
+            num_supernodes=experiment.num_clients,
+            backend_config=backend_config,
+        )
+    except RuntimeError as exc:
+        # Flower wraps the engine's failure as RuntimeError("An error was encountered...")
+        # from RuntimeError("Simulation Runtime crashed.") from the real one; errors of
+        # the ServerApp itself (RunFailure, ...) come through unwrapped.
+        cause = _root_cause(exc)
+        if type(exc) is RuntimeError and cause is not exc:
+            where = f"Ray at {rt.address}" if rt.address else "local Ray"
+            text = str(cause).strip().splitlines()
+            raise RayRuntimeError(f"runtime ray ({where}): {type(cause).__name__}: {text[0] if text else ''}") from exc
+        raise
+    finally:
+        stop.set()
+        if ray.is_initialized():  # Flower shuts Ray down itself unless it was interrupted first
+            ray.shutdown()
+        _join_new_threads(before, RAY_STOP_WAIT_S)
+
+
+def _join_new_threads(before: set[threading.Thread], wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    for t in set(threading.enumerate()) - before:
+        if t is not threading.current_thread() and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 RUNTIMES = {"inline": run_inline, "ray": run_ray}
