@@ -2,7 +2,9 @@
 
 ``runs/<name>/``: ``scenario.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per
 evaluated round), ``summary.json``, ``checkpoints/``, ``clients/`` (client state),
-``accuracy.png``. An existing folder is never overwritten unless asked.
+``accuracy.png``, ``.lock`` (held while a process writes the folder, :mod:`fedsim.runlock`).
+An existing folder is never overwritten unless asked, and never while another process
+writes it.
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ from typing import Any
 
 from fedsim.arrays import atomic_write_bytes
 from fedsim.config import Scenario, ScenarioError, build_scenario, read_yaml, scenario_to_yaml
+from fedsim.runlock import LOCK_FILE, FolderLocked, lock_folder, unlock_folder
+
+
+class MetricsError(ScenarioError):
+    """A metrics.jsonl line that is not a record (one line naming file and line)."""
 
 
 class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._locked = False
 
     scenario_file = property(lambda self: self.path / "scenario.yaml")
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
@@ -32,31 +40,76 @@ class RunFolder:
     @classmethod
     def create(cls, path: str | Path, scenario: Scenario, overwrite: bool = False) -> RunFolder:
         run = cls(path)
-        if run.path.exists() and any(run.path.iterdir()):
-            if not overwrite:
-                raise ScenarioError(f"{run.path}: run folder exists; pass --overwrite to replace it, --resume {run.path} to continue it, or --out to choose another")
-            shutil.rmtree(run.path)
-        run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run.scenario_file, scenario_to_yaml(scenario).encode())
+        if run.path.is_dir():
+            run.lock()  # before looking inside: a folder another process writes is never replaced
+        try:
+            if run.path.exists() and any(p.name != LOCK_FILE for p in run.path.iterdir()):
+                if not overwrite:
+                    raise ScenarioError(f"{run.path}: run folder exists; pass --overwrite to replace it, --resume {run.path} to continue it, or --out to choose another")
+                for child in run.path.iterdir():  # all but the lock this process holds
+                    if child.name != LOCK_FILE:
+                        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.lock()
+            atomic_write_bytes(run.scenario_file, scenario_to_yaml(scenario).encode())
+        except BaseException:
+            run.unlock()
+            raise
         return run
 
     @classmethod
-    def open(cls, path: str | Path) -> tuple[RunFolder, Scenario]:
+    def open(cls, path: str | Path, lock: bool = False) -> tuple[RunFolder, Scenario]:
+        """The run folder and its scenario.yaml, validated; ``lock``: for writing (taken
+        first, so a folder another process writes is refused before any other work)."""
         run = cls(path)
         if not run.scenario_file.exists():
             raise ScenarioError(f"{run.path}: not a fedsim run folder (no scenario.yaml)")
-        return run, build_scenario(read_yaml(run.scenario_file), str(run.scenario_file))
+        if lock:
+            run.lock()
+        try:
+            return run, build_scenario(read_yaml(run.scenario_file), str(run.scenario_file))
+        except BaseException:
+            run.unlock()
+            raise
+
+    # lock ------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold the folder's OS lock while this process writes it (ScenarioError, one line,
+        if another process does); released by :meth:`unlock` or when the process dies."""
+        if self._locked:
+            return
+        try:
+            lock_folder(self.path)
+        except FolderLocked as exc:
+            raise ScenarioError(str(exc)) from None
+        self._locked = True
+
+    def unlock(self) -> None:
+        if self._locked:
+            unlock_folder(self.path)
+            self._locked = False
 
     # metrics ---------------------------------------------------------------------------
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The records, in order. A torn last line (a kill mid-append) is ignored; any other
+        line that is not a record with a rising integer ``round`` raises MetricsError."""
         if not self.metrics_file.exists():
             return []
-        out = []
-        for line in self.metrics_file.read_text().splitlines():
+        out: list[dict[str, Any]] = []
+        lines = self.metrics_file.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines, 1):
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                break  # a torn last line from a kill: everything before it is good
+                if i == len(lines):
+                    break  # a torn last line from a kill: everything before it is good
+                raise MetricsError(f"{self.metrics_file}: line {i}: not valid JSON (damaged file; fix or remove the line)") from None
+            rnd = record.get("round") if isinstance(record, dict) else None
+            if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
+                raise MetricsError(f"{self.metrics_file}: line {i}: not a metrics record (no positive integer 'round'); fix or remove the line")
+            if out and rnd <= out[-1]["round"]:
+                raise MetricsError(f"{self.metrics_file}: line {i}: round {rnd} after round {out[-1]['round']} (rounds must rise; fix or remove the line)")
+            out.append(record)
         return out
 
     def truncate_metrics(self, last_round: int) -> None:
