@@ -75,6 +75,15 @@ def _final_table(console, records: list[dict[str, Any]], title: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    held: list[Any] = []  # the run folder whose lock this command took
+    try:
+        return _cmd_run(args, held)
+    finally:
+        for run in held:
+            run.unlock()
+
+
+def _cmd_run(args: argparse.Namespace, held: list[Any]) -> int:
     from rich.console import Console
 
     from fedsim.config import ScenarioError, load_scenario
@@ -88,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.resume:
             if args.scenario or args.overrides:
                 raise BadInput("--resume takes only the run folder; its scenario.yaml is used as saved")
-            run, scenario = RunFolder.open(args.resume)
+            run, scenario = RunFolder.open(args.resume, lock=True)  # one writer per run folder
             resume, created = True, False
         else:
             if not args.scenario:
@@ -105,16 +114,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             created = not (out.is_dir() and not out.is_symlink() and not any(out.iterdir()))
             run = RunFolder.create(out, scenario, overwrite=args.overwrite)
             resume = False
+        held.append(run)
+        # a resume checks the checkpoints, metrics and scenario here, before writing anything
+        experiment = FederatedRun(scenario, run, resume=resume)
     except (ScenarioError, BadInput) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    for warning in experiment.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
     console.print(f"[b]{scenario.name}[/b]: {scenario.strategy.name} on {scenario.data.dataset}, {scenario.num_clients} clients, {scenario.rounds} rounds, runtime {scenario.runtime.name} -> {run.path}")
     _quiet_libraries()
     t0 = time.perf_counter()
-    done = run.read_metrics()[-1]["round"] if resume and run.read_metrics() else 0
+    done = experiment.checkpoint.round if experiment.checkpoint else 0
     progress, on_round = _progress(console, scenario.rounds, done)
-    experiment = FederatedRun(scenario, run, resume=resume, on_round=on_round)
+    experiment.on_round = on_round
     try:
         with progress:
             RUNTIMES[scenario.runtime.name](experiment)

@@ -35,7 +35,7 @@ MD_HEADER = "<!-- written by fedsim report -->"
 ADAPTATION_ENTRIES = frozenset({"adaptation.yaml", "adaptation.jsonl", "adaptation_summary.json", "adaptation.png"})
 RUN_ENTRIES = frozenset({
     "scenario.yaml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints", "clients",
-    "foundation", "edge", *ADAPTATION_ENTRIES,
+    "foundation", "edge", ".lock", *ADAPTATION_ENTRIES,
 })
 CERT_ENTRIES = frozenset({"ca.crt", "server.pem", "server.key"})
 CERT_CA_NAME = "fedsim demo CA"  # common name of the CA fedsim edge certs issues
@@ -148,7 +148,7 @@ def create_folder(folder: Path, kind: str, overwrite: bool, exists_message: str)
     An existing empty folder is used as is; a non-empty one raises ``exists_message`` unless
     ``overwrite``, and is then replaced only when it is fedsim's (:func:`remove_owned`)."""
     check_location(folder, f"{kind} folder")
-    if folder.is_dir() and any(folder.iterdir()):
+    if folder.is_dir() and any(p.name != ".lock" for p in folder.iterdir()):  # .lock: fedsim.runlock's, held by this process
         if not overwrite:
             raise UnsafeOutput(exists_message)
         remove_owned(folder, kind)

@@ -2,9 +2,10 @@
 
 ``runs/<name>/``: ``scenario.yaml`` (resolved), ``metrics.jsonl`` (one JSON object per
 evaluated round), ``summary.json``, ``checkpoints/``, ``clients/`` (client state),
-``accuracy.png``, and ``.fedsim`` (the marker saying fedsim created it). An existing folder
-is never overwritten unless asked, and then only when it is provably a fedsim run folder
-(:mod:`fedsim.outputs`).
+``accuracy.png``, ``.fedsim`` (the marker saying fedsim created it) and ``.lock`` (held while
+a process writes the folder, :mod:`fedsim.runlock`). An existing folder is never overwritten
+unless asked, never while another process writes it, and then only when it is provably a
+fedsim run folder (:mod:`fedsim.outputs`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from fedsim.arrays import atomic_write_bytes
 from fedsim.config import Scenario, ScenarioError, build_scenario, read_yaml, scenario_to_yaml
 from fedsim.engine.checkpoint import complete_rounds
 from fedsim.outputs import create_folder, ownership_problem, remove_owned
+from fedsim.runlock import LOCK_FILE, FolderLocked, lock_folder, unlock_folder
+
+
+class MetricsError(ScenarioError):
+    """A metrics.jsonl line that is not a record (one line naming file and line)."""
 
 
 class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._locked = False
 
     scenario_file = property(lambda self: self.path / "scenario.yaml")
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
@@ -37,8 +44,20 @@ class RunFolder:
         """A fresh run folder; with ``overwrite`` an existing fedsim run folder is replaced
         (anything else raises :class:`~fedsim.outputs.UnsafeOutput`)."""
         run = cls(path)
-        create_folder(run.path, "run", overwrite, f"{run.path}: run folder exists; pass --overwrite to replace it, --resume {run.path} to continue it, or --out to choose another")
-        atomic_write_bytes(run.scenario_file, scenario_to_yaml(scenario).encode())
+        held = run.path.is_dir()
+        if held:
+            run.lock()  # before looking inside: a folder another process writes is never replaced
+        try:
+            create_folder(run.path, "run", overwrite, f"{run.path}: run folder exists; pass --overwrite to replace it, --resume {run.path} to continue it, or --out to choose another")
+            if held and not (run.path / LOCK_FILE).exists():  # replaced: the old hold went with the old folder
+                run.unlock()
+                held = False
+            if not held:
+                run.lock()
+            atomic_write_bytes(run.scenario_file, scenario_to_yaml(scenario).encode())
+        except BaseException:
+            run.unlock()
+            raise
         return run
 
     def resumable(self) -> bool:
@@ -54,22 +73,58 @@ class RunFolder:
         return True
 
     @classmethod
-    def open(cls, path: str | Path) -> tuple[RunFolder, Scenario]:
+    def open(cls, path: str | Path, lock: bool = False) -> tuple[RunFolder, Scenario]:
+        """The run folder and its scenario.yaml, validated; ``lock``: for writing (taken
+        first, so a folder another process writes is refused before any other work)."""
         run = cls(path)
         if not run.scenario_file.exists():
             raise ScenarioError(f"{run.path}: not a fedsim run folder (no scenario.yaml)")
-        return run, build_scenario(read_yaml(run.scenario_file), str(run.scenario_file))
+        if lock:
+            run.lock()
+        try:
+            return run, build_scenario(read_yaml(run.scenario_file), str(run.scenario_file))
+        except BaseException:
+            run.unlock()
+            raise
+
+    # lock ------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold the folder's OS lock while this process writes it (ScenarioError, one line,
+        if another process does); released by :meth:`unlock` or when the process dies."""
+        if self._locked:
+            return
+        try:
+            lock_folder(self.path)
+        except FolderLocked as exc:
+            raise ScenarioError(str(exc)) from None
+        self._locked = True
+
+    def unlock(self) -> None:
+        if self._locked:
+            unlock_folder(self.path)
+            self._locked = False
 
     # metrics ---------------------------------------------------------------------------
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The records, in order. A torn last line (a kill mid-append) is ignored; any other
+        line that is not a record with a rising integer ``round`` raises MetricsError."""
         if not self.metrics_file.exists():
             return []
-        out = []
-        for line in self.metrics_file.read_text().splitlines():
+        out: list[dict[str, Any]] = []
+        lines = self.metrics_file.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines, 1):
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                break  # a torn last line from a kill: everything before it is good
+                if i == len(lines):
+                    break  # a torn last line from a kill: everything before it is good
+                raise MetricsError(f"{self.metrics_file}: line {i}: not valid JSON (damaged file; fix or remove the line)") from None
+            rnd = record.get("round") if isinstance(record, dict) else None
+            if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
+                raise MetricsError(f"{self.metrics_file}: line {i}: not a metrics record (no positive integer 'round'); fix or remove the line")
+            if out and rnd <= out[-1]["round"]:
+                raise MetricsError(f"{self.metrics_file}: line {i}: round {rnd} after round {out[-1]['round']} (rounds must rise; fix or remove the line)")
+            out.append(record)
         return out
 
     def truncate_metrics(self, last_round: int) -> None:

@@ -101,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console = Console()
     try:
         if args.resume:
-            run, scenario = RunFolder.open(args.resume)
+            run, scenario = RunFolder.open(args.resume, lock=True)  # one writer per run folder
             edge = scenario.edge or EdgeConfig()
         else:
             if not args.scenario:

@@ -23,9 +23,19 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.arrays import all_finite, numpy_to_record, record_to_numpy
-from fedsim.config import Scenario
+from fedsim.config import Scenario, ScenarioError
 from fedsim.data.loading import load_dataset
-from fedsim.engine.checkpoint import Checkpoint, load_latest, load_strategy_state, save_checkpoint, strategy_state
+from fedsim.engine.checkpoint import (
+    Checkpoint,
+    CheckpointDamaged,
+    array_differences,
+    fingerprint_differences,
+    intact_checkpoints,
+    load_strategy_state,
+    save_checkpoint,
+    scenario_fingerprint,
+    strategy_state,
+)
 from fedsim.engine.grid import PartitionGrid, Traffic
 from fedsim.engine.hooks import HOOKS_KEY
 from fedsim.models import build_model
@@ -34,6 +44,10 @@ from fedsim.results import RunFolder
 
 class RunFailure(RuntimeError):
     """The run cannot go on (divergence, too many failed clients); earlier rounds are kept."""
+
+
+class ResumeRefused(ScenarioError):
+    """The run folder cannot be resumed as it is (one line: which file, what differs)."""
 
 
 def build_strategy(scenario: Scenario) -> Strategy:
@@ -127,7 +141,14 @@ class Totals:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Totals:
-        return cls(d["bytes_up"], d["bytes_down"], d["bytes_down_eval"], Traffic(**d["pending"]), list(d["pending_failures"]), float(d["pending_wall_s"]))
+        """ValueError (naming the key) unless ``d`` is what :meth:`to_json` wrote."""
+        try:
+            totals = cls(int(d["bytes_up"]), int(d["bytes_down"]), int(d["bytes_down_eval"]), Traffic(**d["pending"]), list(d["pending_failures"]), float(d["pending_wall_s"]))
+        except KeyError as exc:
+            raise ValueError(f"totals: key {exc} missing") from None
+        except TypeError as exc:
+            raise ValueError(f"totals: {exc}") from None
+        return totals
 
 
 class FederatedRun:
@@ -142,6 +163,49 @@ class FederatedRun:
         self.records: list[dict[str, Any]] = []
         self.hello_config: dict[str, str] = {}  # sent with the discovery query
         self.grid: PartitionGrid | None = None  # the clients, once discovered
+        self.warnings: list[str] = []  # one line each: damaged checkpoints skipped on resume
+        self.checkpoint: Checkpoint | None = self._resume_point() if resume else None
+
+    def _resume_point(self) -> Checkpoint | None:
+        """The checkpoint a resume continues from, checked before anything is written.
+
+        The newest intact checkpoint whose strategy state loads; damaged ones are skipped
+        (a warning each). ResumeRefused if checkpoints exist but none is intact, if the
+        scenario differs from the one the checkpoint was made with, or if metrics.jsonl
+        has a line that is not a record. None: no checkpoint yet, start at round 1.
+        """
+        sc = self.scenario
+        self.run.read_metrics()  # MetricsError (a ScenarioError) names a damaged line
+        damaged: list[str] = []
+        current = scenario_fingerprint(sc)
+        model = initial_arrays(sc)
+        for item in intact_checkpoints(self.run.checkpoints):
+            if isinstance(item, CheckpointDamaged):
+                damaged.append(str(item))
+                continue
+            where = f"{self.run.checkpoints}/round_{item.round:05d}"
+            saved = item.meta.get("scenario")
+            if not isinstance(saved, dict):
+                damaged.append(f"{where}/meta.json: no scenario fingerprint (written before fedsim kept one)")
+                continue
+            diffs = fingerprint_differences(saved, current)
+            if diffs:
+                more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+                raise ResumeRefused(f"{self.run.scenario_file}: differs from the scenario of checkpoint round {item.round}: {'; '.join(diffs[:3])}{more}; resume refused (restore it, or start a new run)")
+            diffs = array_differences(item.arrays, model)
+            if diffs:
+                raise ResumeRefused(f"{where}/global.safetensors: arrays do not fit the scenario's model: {'; '.join(diffs[:3])}; resume refused")
+            try:
+                Totals.from_json(item.meta["totals"])
+                load_strategy_state(build_strategy(sc), item.strategy_arrays, item.meta["strategy"])
+            except (ValueError, TypeError, KeyError) as exc:
+                damaged.append(f"{where}: strategy state or totals unusable ({exc})")
+                continue
+            self.warnings = [f"skipped damaged checkpoint: {d}" for d in damaged]
+            return item
+        if damaged:
+            raise ResumeRefused(f"no intact checkpoint to resume from: {damaged[0]}" + (f" (and {len(damaged) - 1} more damaged)" if len(damaged) > 1 else ""))
+        return None
 
     def server_app(self) -> ServerApp:
         app = ServerApp()
@@ -161,7 +225,7 @@ class FederatedRun:
         strategy = build_strategy(sc)
         start, arrays, totals = 1, numpy_to_record(initial_arrays(sc)), Totals()
         if self.resume:
-            ckpt = load_latest(self.run.checkpoints)
+            ckpt = self.checkpoint  # verified against the scenario when this run was made
             if ckpt is not None:
                 start = ckpt.round + 1
                 arrays = numpy_to_record(ckpt.arrays)
@@ -176,6 +240,7 @@ class FederatedRun:
             client_cfg["agc-lambda"] = sc.client.agc_lambda
         client_cfg.update(getattr(strategy, "client_config", {}) or {})
         last_good = start - 1
+        fingerprint = scenario_fingerprint(sc)
         for rnd in range(start, sc.rounds + 1):
             t0 = time.perf_counter()
             arrays, train_metrics, failures = self._train_round(strategy, pgrid, rnd, arrays, client_cfg)
@@ -193,7 +258,8 @@ class FederatedRun:
             if evaluate:
                 self._record(rnd, totals, train_metrics, eval_metrics)
             state_arrays, state_scalars = strategy_state(strategy)
-            save_checkpoint(self.run.checkpoints, Checkpoint(rnd, record_to_numpy(arrays), state_arrays, {"totals": totals.to_json(), "strategy": state_scalars}))
+            meta = {"totals": totals.to_json(), "strategy": state_scalars, "scenario": fingerprint}
+            save_checkpoint(self.run.checkpoints, Checkpoint(rnd, record_to_numpy(arrays), state_arrays, meta))
             last_good = rnd
 
     def _train_round(self, strategy: Strategy, grid: PartitionGrid, rnd: int, arrays: ArrayRecord, client_cfg: dict[str, Any]) -> tuple[ArrayRecord, dict[str, Any], list[dict[str, Any]]]:
