@@ -44,9 +44,11 @@ class RunFolder:
         """A fresh run folder; with ``overwrite`` an existing fedsim run folder is replaced
         (anything else raises :class:`~fedsim.outputs.UnsafeOutput`)."""
         run = cls(path)
-        held = run.path.is_dir()
+        # A fedsim run folder is locked before it is replaced (one another process writes is
+        # refused); a folder that is not fedsim's is never written into, so it is not locked.
+        held = run.path.is_dir() and ownership_problem(run.path, "run") is None
         if held:
-            run.lock()  # before looking inside: a folder another process writes is never replaced
+            run.lock()
         try:
             create_folder(run.path, "run", overwrite, f"{run.path}: run folder exists; pass --overwrite to replace it, --resume {run.path} to continue it, or --out to choose another")
             if held and not (run.path / LOCK_FILE).exists():  # replaced: the old hold went with the old folder
