@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from fedsim import __version__
-from fedsim.config import ScenarioError
+from fedsim.schema import ScenarioError, short_source
 
 MARKER = ".fedsim"
 PNG_SOFTWARE = f"fedsim {__version__}"  # PNG metadata of every plot fedsim writes
@@ -185,3 +185,27 @@ def check_file_target(path: Path, overwrite: bool, owned: bool | None = None) ->
         raise UnsafeOutput(f"{path}: exists; pass --overwrite to replace it or --out to choose another path")
     if not (png_written_by_fedsim(path) if owned is None else owned):
         raise UnsafeOutput(f"{path}: not replaced: fedsim did not write it; move it away yourself or choose another --out")
+
+
+def check_out_folder(out: str | Path, option: str = "--out") -> None:
+    """The folder a command will create or fill: not a file, not under a file, and in a
+    writable place. Checked before anything is created."""
+    shown = short_source(str(out))
+    if "\0" in str(out):
+        raise ScenarioError(f"{option} {shown}: a path must not contain a NUL byte")
+    path = Path(out)
+    try:
+        if path.exists() and not path.is_dir():
+            raise ScenarioError(f"{option} {shown}: is a file, not a folder")
+        existing = path
+        while not existing.exists():
+            if existing.is_symlink():  # a dangling link: mkdir would fail on it
+                raise ScenarioError(f"{option} {shown}: {existing} is a broken symbolic link")
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ScenarioError(f"{option} {shown}: {existing} is a file, so no folder can be made under it")
+        readonly = bool(os.statvfs(existing).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+        if readonly or not os.access(existing, os.W_OK | os.X_OK):
+            raise ScenarioError(f"{option} {shown}: {existing} is not writable")
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ScenarioError(f"{option} {shown}: {exc.strerror or exc}") from None

@@ -8,6 +8,7 @@ wrote in a scenario (never anything read from a checkpoint).
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -87,3 +88,17 @@ class Registry(Generic[T]):
             return import_object(name)  # type: ignore[return-value]
         known = ", ".join(self.names()) or "none"
         raise RegistryError(f"unknown {self.kind} '{name}' (known: {known}; or give package.module:Name)")
+
+
+def constructor_params(cls: type) -> tuple[set[str], bool]:
+    """Keyword names a class's constructor accepts, following ``**kwargs`` up the MRO;
+    and whether it accepts any keyword (a ``**kwargs`` all the way up)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names.update(n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self")
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return names, False
+    return names, True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+from fedsim.config import Scenario
 from fedsim.engine.agc import DEFAULT_EPS, DEFAULT_LAMBDA
 from fedsim.engine.hooks import ClientHooks, hooks_path
 from strategies import STRATEGIES
@@ -44,6 +45,12 @@ class FedWon(FedAvg):
     """
 
     client_hooks = hooks_path(FedWonClient)
+
+    @classmethod
+    def check_scenario(cls, scenario: Scenario) -> None:
+        """FedWon trains a normalization-free model (checked when the scenario is loaded)."""
+        if scenario.model.normalization != "none":
+            raise ValueError(f"model.normalization: FedWon needs a normalization-free model: set model.normalization: none (got {scenario.model.normalization})")
 
     def __init__(self, agc_lambda: float = DEFAULT_LAMBDA, agc_eps: float = DEFAULT_EPS, agc_exclude: str = "", strict: bool = False, **kwargs) -> None:
         if agc_lambda < 0:

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from strategies.compressed.base import model_step
-from strategies.compressed.compressors import Compressor, Identity, RandK, ScaledSign, TopK
+from strategies.compressed.compressors import (
+    Compressor,
+    Identity,
+    RandK,
+    ScaledSign,
+    TopK,
+)
 from strategies.compressed.econtrol import (
     EControlClientState,
     EControlServerState,

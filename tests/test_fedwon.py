@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_scenario
 from torch import nn
 
-from conftest import write_scenario
-from fedsim.engine.agc import adaptive_clip_, agc_settings, unitwise_norm
 from fedsim.cli import main
+from fedsim.engine.agc import adaptive_clip_, agc_settings, unitwise_norm
 from fedsim.engine.hooks import ClientHooks
 from fedsim.models import build_model
 from fedsim.models.layers import RELU_GAMMA, ScaledWSConv2d, is_norm_layer

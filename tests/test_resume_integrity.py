@@ -15,12 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_scenario
+
 from fedsim.arrays import load_arrays, save_arrays
 from fedsim.cli import main
 from fedsim.engine.checkpoint import MANIFEST, load_strategy_state

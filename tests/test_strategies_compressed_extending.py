@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from fedsim.arrays import load_arrays
-from fedsim.config import build_scenario
 from fedsim.engine.checkpoint import load_latest
 from fedsim.engine.runtimes import run_inline
-from fedsim.engine.server import FederatedRun
 from fedsim.results import RunFolder
+from fedsim.scenario import build_scenario, new_run
 from strategies import STRATEGIES
 from strategies.compressed.base import split_keys
 from strategies.compressed.compressors import TopK, index_dtype, make_compressor
@@ -57,7 +56,7 @@ def run(out: Path, strategy: str, args: dict, rounds: int = 3) -> list[dict]:
     }
     sc = build_scenario(raw, "test")
     folder = RunFolder.create(out, sc)
-    run_inline(FederatedRun(sc, folder))
+    run_inline(new_run(sc, folder))
     return folder.read_metrics()
 
 

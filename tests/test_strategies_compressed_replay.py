@@ -19,7 +19,14 @@ from fedsim.arrays import numpy_to_record, record_to_numpy
 from fedsim.engine.client_state import ClientState
 from fedsim.engine.hooks import HOOKS_KEY
 from fedsim.registry import import_object
-from strategies.compressed.base import client_rng, flatten, model_step, server_rng, split_keys, unflatten
+from strategies.compressed.base import (
+    client_rng,
+    flatten,
+    model_step,
+    server_rng,
+    split_keys,
+    unflatten,
+)
 from strategies.compressed.compressors import Identity, make_compressor
 from strategies.compressed.econtrol import (
     EControl,
@@ -40,7 +47,11 @@ from strategies.compressed.ef21 import (
     ef21_sgdm_client_step,
     ef21_weights,
 )
-from strategies.compressed.plain import Compressed, compressed_client_step, compressed_server_mean
+from strategies.compressed.plain import (
+    Compressed,
+    compressed_client_step,
+    compressed_server_mean,
+)
 
 N = 6
 ROUNDS = 5

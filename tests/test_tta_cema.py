@@ -16,7 +16,13 @@ from torch import nn
 
 from adapters import build_adapter
 from adapters._norm import BatchRenorm, norm_affine_parameters
-from adapters.cema import CEMA, CemaEdgeFilter, distillation_loss, prepare_model, weighted_entropy
+from adapters.cema import (
+    CEMA,
+    CemaEdgeFilter,
+    distillation_loss,
+    prepare_model,
+    weighted_entropy,
+)
 
 C = 10
 E0 = 0.4 * math.log(C)

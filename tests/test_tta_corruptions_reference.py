@@ -27,7 +27,11 @@ from PIL import Image
 from scipy.ndimage import map_coordinates
 from scipy.ndimage import zoom as scizoom
 
-from fedsim.tta.corruptions import CORRUPTIONS, affine_from_points, warp_affine_reflect101
+from fedsim.tta.corruptions import (
+    CORRUPTIONS,
+    affine_from_points,
+    warp_affine_reflect101,
+)
 
 cv2 = pytest.importorskip("cv2")
 sk_filters = pytest.importorskip("skimage.filters")

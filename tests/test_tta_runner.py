@@ -9,7 +9,7 @@ from torch import nn
 
 from adapters import build_adapter
 from adapters.base import Adapter
-from fedsim.tta.runner import _plot_on_axis, plot_stream, running_accuracy, run_stream
+from fedsim.tta.runner import _plot_on_axis, plot_stream, run_stream, running_accuracy
 from fedsim.tta.streams import build_stream
 
 

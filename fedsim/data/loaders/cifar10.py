@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.config import DataConfig, ScenarioError
+from fedsim.data.config import DataConfig
+from fedsim.schema import ScenarioError
 from fedsim.data.base import DATASETS, DomainSplit, MultiDomainDataset
 from fedsim.data.loaders._files import (
     DataSource,

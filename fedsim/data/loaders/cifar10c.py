@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.config import DataConfig, ScenarioError
+from fedsim.data.config import DataConfig
+from fedsim.schema import ScenarioError
 from fedsim.data.base import DATASETS, CorruptedSource, DomainSplit, ImageArray, MultiDomainDataset
 from fedsim.data.loaders._files import DataSource, Options, resolve_root, select_domains, to_rgb_uint8
 from fedsim.data.loaders.cifar10 import load_cifar10_arrays

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.config import DataConfig, ScenarioError
+from fedsim.data.config import DataConfig
+from fedsim.schema import ScenarioError
 from fedsim.data.base import DATASETS, DomainSplit, MultiDomainDataset
 
 log = logging.getLogger(__name__)

@@ -1,47 +1,49 @@
-"""``fedsim adapt`` and the adaptation phase of ``fedsim run`` (kept out of ``fedsim/cli.py``).
+"""``fedsim adapt SCENARIO --model RUN`` and the adaptation phase of ``fedsim run``.
 
-Exit codes as in :mod:`fedsim.cli`: 0 done, 2 bad input (scenario, model run, out folder),
-1 failure while adapting.
+Exit codes as in :mod:`fedsim.cli.common`: 0 done, 2 bad input (scenario, model run, out
+folder), 1 failure while adapting.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
 
-
-def load_adaptation_file(path: str | Path, overrides: list[str] | None = None) -> tuple[str, Any]:
-    """Read and validate an adapt scenario; return (name, AdaptationConfig).
+from fedsim.arrays import atomic_write_bytes
+from fedsim.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, console, error
+from fedsim.config import Scenario
+from fedsim.edge.profiles import write_device_report
+from fedsim.outputs import MARKER, check_out_folder, create_folder, remove_owned
+from fedsim.results import RunFolder
+from fedsim.scenario import apply_overrides, check_adaptation, check_cuda, open_model_run, read_yaml
+from fedsim.schema import ScenarioError, validation_error_line
+from fedsim.tta.config import AdaptationConfig
+from fedsim.tta.deploy import ModelRun
+from fedsim.tta.experiment import SUMMARY, print_table, run_adaptation
+def load_adaptation_file(path: str | Path, overrides: list[str] | None = None) -> tuple[str, AdaptationConfig]:
+    """Read an adapt scenario and validate it against the schema; return (name, adaptation).
 
     Only ``name`` and ``adaptation`` are used by ``fedsim adapt`` (data, model and strategy
-    come from the model run), so the registry/data checks of the other sections are skipped;
-    every key is still validated against the schema.
+    come from the model run, which :func:`check_adaptation` checks it against), so the
+    registry/data checks of the other sections are skipped; every key is still validated.
     """
-    from pydantic import ValidationError
-
-    from fedsim.config import (
-        Scenario,
-        ScenarioError,
-        apply_overrides,
-        read_yaml,
-        validation_error_line,
-    )
-    from fedsim.validate import check_cuda
-
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides or [])
     try:
         scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
-        raise ScenarioError(validation_error_line(str(path), exc)) from None
+        raise ScenarioError(validation_error_line(str(path), exc, Scenario)) from None
     if scenario.adaptation is None:
         raise ScenarioError(f"{path}: adaptation: required key is missing (fedsim adapt needs an adaptation section)")
-    check_cuda(scenario.adaptation.device, "adaptation.device", str(path))
+    check_cuda(scenario.adaptation.device, "adaptation.device", str(path))  # before the model run is opened
     return scenario.name, scenario.adaptation
 
 
@@ -49,14 +51,11 @@ def _log(console: Any):
     return lambda msg: console.print(msg, highlight=False)
 
 
-def _run_phase(model_run: Any, cfg: Any, out: Path, name: str, source: str, console: Any) -> int:
-    from fedsim.config import ScenarioError
-    from fedsim.tta.experiment import print_table, run_adaptation
-
+def _run_phase(model_run: ModelRun, cfg: AdaptationConfig, out: Path, name: str, source: str, console: Console) -> int:
     try:
         summary = run_adaptation(model_run, cfg, out, name=name, source=source, log=_log(console))
     except ScenarioError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error(exc)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -71,71 +70,43 @@ def _run_phase(model_run: Any, cfg: Any, out: Path, name: str, source: str, cons
     return EXIT_OK
 
 
-def adapt_after_run(run: Any, scenario: Any, source: str, console: Any) -> int:
-    """The adaptation phase of ``fedsim run``: adapt the run just trained, results in its folder."""
-    from fedsim.config import ScenarioError
-    from fedsim.tta.deploy import open_model_run
-
+def adapt_after_run(run: RunFolder, scenario: Scenario, source: str, console: Console) -> int:
+    """The adaptation phase of ``fedsim run``: adapt the run just trained (its scenario,
+    validated when the run started, adaptation section included), results in its folder."""
     try:
         model_run = open_model_run(run.path)
     except ScenarioError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error(exc)
         return EXIT_BAD_INPUT
     console.print(f"[b]adaptation[/b]: {', '.join(s.display for s in scenario.adaptation.adapter_specs())} on each edge's stream")
     code = _run_phase(model_run, scenario.adaptation, run.path, scenario.name, source, console)
     if code == EXIT_OK and scenario.edge is not None:  # the same device estimates as the edge demo
-        import json
-
-        from fedsim.edge.profiles import write_device_report
-        from fedsim.tta.experiment import SUMMARY
-
         summary = json.loads((Path(run.path) / SUMMARY).read_text())
         console.print(f"device-profile estimates: {write_device_report(run.path, scenario, run.read_metrics(), summary)}")
     return code
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from fedsim.config import ScenarioError
-    from fedsim.outputs import MARKER, create_folder, remove_owned
-    from fedsim.tta.deploy import open_model_run
-    from fedsim.validate import check_out_folder
-
-    console = Console()
+    out_console = console()
     try:
         if args.scenario and "=" in args.scenario and not Path(args.scenario).exists():
             raise ScenarioError(f"{args.scenario}: scenario file not found (overrides come after the scenario file)")
         name, cfg = load_adaptation_file(args.scenario, list(args.overrides))
         model_run = open_model_run(args.model)
+        check_adaptation(model_run.scenario, cfg, args.scenario)
         out = Path(args.out) if args.out else model_run.path / f"adapt-{name}"
         check_out_folder(out)
         # an empty folder the user made is used, but never removed after a failure
         created = not (out.is_dir() and not out.is_symlink() and not any(out.iterdir()))
         create_folder(out, "adaptation", args.overwrite, f"{out}: output folder exists; pass --overwrite to replace it or --out to choose another")
     except ScenarioError as exc:  # UnsafeOutput included
-        print(f"error: {exc}", file=sys.stderr)
+        error(exc)
         return EXIT_BAD_INPUT
-    import yaml
-
-    from fedsim.arrays import atomic_write_bytes
-
     resolved = {"name": name, "model_run": str(model_run.path), "adaptation": cfg.model_dump(mode="json")}
     atomic_write_bytes(out / "adaptation.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
     sc = model_run.scenario
-    console.print(f"[b]{name}[/b]: adapt {model_run.path} ({sc.strategy.name}, {sc.model.name} on {sc.data.dataset}, round {model_run.checkpoint.round}) -> {out}")
-    code = _run_phase(model_run, cfg, out, name, args.scenario, console)
+    out_console.print(f"[b]{name}[/b]: adapt {model_run.path} ({sc.strategy.name}, {sc.model.name} on {sc.data.dataset}, round {model_run.checkpoint.round}) -> {out}")
+    code = _run_phase(model_run, cfg, out, name, args.scenario, out_console)
     if code != EXIT_OK and created and not any(p.name not in ("adaptation.yaml", MARKER) for p in out.iterdir()):
         remove_owned(out, "adaptation")  # nothing was produced: leave no half folder
     return code
-
-
-def add_parser(sub: Any) -> None:
-    """Register ``fedsim adapt`` on the CLI's subparsers."""
-    a = sub.add_parser("adapt", help="test-time adaptation of a trained run's model on streaming shifts")
-    a.add_argument("scenario", help="scenario YAML with an adaptation section (only name and adaptation are used)")
-    a.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. adaptation.stream.batch_size=16")
-    a.add_argument("--model", required=True, metavar="RUN_FOLDER", help="trained run folder (fedsim run output)")
-    a.add_argument("--out", help="output folder (default <model run>/adapt-<scenario name>)")
-    a.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    a.set_defaults(func=cmd_adapt)
