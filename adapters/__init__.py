@@ -10,10 +10,10 @@ from typing import Any
 
 from torch import nn
 
-from adapters.base import Adapter, SplitAdapter, adapter_settings
+from fedsim.adapters.base import Adapter, SplitAdapter, adapter_settings
 from fedsim.registry import Registry, RegistryError
 
-ADAPTERS: Registry = Registry("adapter", "adapters")
+ADAPTERS: Registry = Registry("adapter", "fedsim.adapters")
 
 
 def adapter_class(name: str) -> type[Adapter]:
@@ -23,7 +23,7 @@ def adapter_class(name: str) -> type[Adapter]:
     except RegistryError as exc:
         raise ValueError(str(exc)) from None
     if not (isinstance(cls, type) and issubclass(cls, Adapter)):
-        raise ValueError(f"'{name}' is not a subclass of adapters.base.Adapter")
+        raise ValueError(f"'{name}' is not a subclass of fedsim.adapters.base.Adapter")
     return cls
 
 

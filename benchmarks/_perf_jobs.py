@@ -126,10 +126,10 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from adapters.alpha_bn import AlphaBN
-    from adapters.cema import CEMA
-    from adapters.tbn import TBN
-    from adapters.unmix_tns import UnMixTNS
+    from fedsim.adapters.alpha_bn import AlphaBN
+    from fedsim.adapters.cema import CEMA
+    from fedsim.adapters.tbn import TBN
+    from fedsim.adapters.unmix_tns import UnMixTNS
     from fedsim.config import DataConfig
     from fedsim.data.loading import load_dataset, to_tensor
     from fedsim.models import build_model
@@ -177,7 +177,7 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
         # test-batch normalization alone: the statistics pass CEMA's default edge shares
         "tbn": TBN(model),
     }
-    steps = {"plain": plain_step, **{k: a.predict_and_adapt for k, a in adapters.items()}}
+    steps = {"plain": plain_step, **{k: a.predict_and_adapt for k, a in fedsim.adapters.items()}}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(name: str) -> float:

@@ -8,6 +8,7 @@ wrote in a scenario (never anything read from a checkpoint).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 from collections.abc import Callable
@@ -20,14 +21,35 @@ class RegistryError(LookupError):
     """A name or import path that does not resolve."""
 
 
+MOVED_PACKAGES = {"strategies": "fedsim.strategies", "adapters": "fedsim.adapters"}
+"""Top-level import names of earlier fedsim versions and where those packages are now."""
+
+
+def _current_module(module_name: str) -> str:
+    """``strategies.x`` -> ``fedsim.strategies.x`` where fedsim has that module (scenarios
+    written for earlier versions keep working); any other name is left as it is."""
+    top, _, rest = module_name.partition(".")
+    if top not in MOVED_PACKAGES:
+        return module_name
+    moved = MOVED_PACKAGES[top] + (f".{rest}" if rest else "")
+    try:
+        found = importlib.util.find_spec(moved) is not None
+    except ImportError:
+        found = False
+    return moved if found else module_name
+
+
 def import_object(path: str) -> object:
-    """Import ``package.module:Attribute`` (or ``package.module.Attribute``)."""
+    """Import ``package.module:Attribute`` (or ``package.module.Attribute``). Paths into
+    fedsim's former top-level packages (``strategies.fedwon:FedWon``) resolve to
+    ``fedsim.strategies`` / ``fedsim.adapters``."""
     if ":" in path:
         module_name, _, attr = path.partition(":")
     else:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
         raise RegistryError(f"'{path}' is not an import path of the form package.module:Name")
+    module_name = _current_module(module_name)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

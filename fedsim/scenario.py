@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import Strategy
 from pydantic import ValidationError
 from torch import nn
 
-from adapters import adapter_class, adapter_settings
+from fedsim.adapters import adapter_class, adapter_settings
 from fedsim import safe_yaml
 from fedsim.config import Scenario
 from fedsim.data.base import DATASETS, MultiDomainDataset
@@ -48,7 +48,7 @@ from fedsim.tta.config import CLEAN, INJECTED, AdaptationConfig
 from fedsim.tta.corruptions import CORRUPTIONS
 from fedsim.tta.deploy import ModelRun, ModelRunError
 from fedsim.tta.streams import full_dataset
-from strategies import STRATEGIES
+from fedsim.strategies import STRATEGIES
 
 # -- reading and overriding ----------------------------------------------------------------
 

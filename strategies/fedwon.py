@@ -19,8 +19,8 @@ import logging
 from fedsim.config import Scenario
 from fedsim.engine.agc import DEFAULT_EPS, DEFAULT_LAMBDA
 from fedsim.engine.hooks import ClientHooks, hooks_path
-from strategies import STRATEGIES
-from strategies.fedavg import FedAvg
+from fedsim.strategies import STRATEGIES
+from fedsim.strategies.fedavg import FedAvg
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from fedsim.engine.checkpoint import load_latest
 from fedsim.engine.hooks import TASK_KEY
 from fedsim.models import build_model
 from fedsim.scenario import new_run
-from strategies.fedtiny import GIDX, GROW_KEY, GVAL, FedTiny, SparseClient
-from strategies.fedtiny.sparsity import (
+from fedsim.strategies.fedtiny import GIDX, GROW_KEY, GVAL, FedTiny, SparseClient
+from fedsim.strategies.fedtiny.sparsity import (
     IDX,
     VAL,
     active_counts,
@@ -37,7 +37,7 @@ from strategies.fedtiny.sparsity import (
     magnitude_masks,
     prunable_shapes,
 )
-from strategies.magprune import MagPrune
+from fedsim.strategies.magprune import MagPrune
 
 
 @pytest.fixture(autouse=True)

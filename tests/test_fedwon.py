@@ -19,8 +19,8 @@ from fedsim.engine.agc import adaptive_clip_, agc_settings, unitwise_norm
 from fedsim.engine.hooks import ClientHooks
 from fedsim.models import build_model
 from fedsim.models.layers import RELU_GAMMA, ScaledWSConv2d, is_norm_layer
-from strategies.fedbn import FedBNClient
-from strategies.fedwon import FedWon, FedWonClient
+from fedsim.strategies.fedbn import FedBNClient
+from fedsim.strategies.fedwon import FedWon, FedWonClient
 
 
 def run(scenario: Path, out: Path, *overrides: str) -> list[dict]:
@@ -178,7 +178,7 @@ def test_agc_hooks_read_config_and_compose():
 
 def test_fedwon_strategy_settings_and_bn_check():
     s = FedWon(agc_lambda=0.3)
-    assert s.client_hooks == "strategies.fedwon:FedWonClient"
+    assert s.client_hooks == "fedsim.strategies.fedwon:FedWonClient"
     assert s.client_config["agc-lambda"] == 0.3
     with pytest.raises(ValueError):
         FedWon(agc_lambda=-1)

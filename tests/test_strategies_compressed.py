@@ -16,8 +16,8 @@ from fedsim.engine.checkpoint import load_latest
 from fedsim.engine.runtimes import run_inline
 from fedsim.results import RunFolder
 from fedsim.scenario import build_scenario, new_run
-from strategies.compressed.base import split_keys
-from strategies.compressed.compressors import TopK, index_dtype
+from fedsim.strategies.compressed.base import split_keys
+from fedsim.strategies.compressed.compressors import TopK, index_dtype
 
 
 def scenario(strategy: str, args: dict | None = None, rounds: int = 2, **extra):

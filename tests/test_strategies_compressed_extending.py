@@ -16,9 +16,9 @@ from fedsim.engine.checkpoint import load_latest
 from fedsim.engine.runtimes import run_inline
 from fedsim.results import RunFolder
 from fedsim.scenario import build_scenario, new_run
-from strategies import STRATEGIES
-from strategies.compressed.base import split_keys
-from strategies.compressed.compressors import TopK, index_dtype, make_compressor
+from fedsim.strategies import STRATEGIES
+from fedsim.strategies.compressed.base import split_keys
+from fedsim.strategies.compressed.compressors import TopK, index_dtype, make_compressor
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 N_CLIENTS = 8  # toy: 4 domains x 2 clients

@@ -99,8 +99,8 @@ def test_config_defaults_and_shorthands() -> None:
     assert cfg.edges == "all" and cfg.model == "auto" and cfg.reset == "auto"
     gradual = AdaptationConfig.model_validate({"adapter": "tbn", "stream": {"protocol": "gradual", "corruptions": ["fog"]}})
     assert gradual.stream.shift_names() == ["fog"]
-    custom = AdaptationConfig.model_validate({"adapter": {"name": "adapters.tbn:TBN"}, "stream": {"shifts": ["clean", "fog@2"]}})
-    assert custom.adapter_specs()[0].display == "adapters.tbn:TBN"
+    custom = AdaptationConfig.model_validate({"adapter": {"name": "fedsim.adapters.tbn:TBN"}, "stream": {"shifts": ["clean", "fog@2"]}})
+    assert custom.adapter_specs()[0].display == "fedsim.adapters.tbn:TBN"
     assert Scenario.model_validate({}).adaptation is None
 
 

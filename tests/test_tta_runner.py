@@ -7,8 +7,8 @@ import torch
 from test_tta_common import small_bn_cnn
 from torch import nn
 
-from adapters import build_adapter
-from adapters.base import Adapter
+from fedsim.adapters import build_adapter
+from fedsim.adapters.base import Adapter
 from fedsim.tta.runner import _plot_on_axis, plot_stream, run_stream, running_accuracy
 from fedsim.tta.streams import build_stream
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from adapters import ADAPTERS
+from fedsim.adapters import ADAPTERS
 from fedsim.cli.common import EXIT_BAD_INPUT, EXIT_OK, BadInput, console, error
 from fedsim.data.base import DATASETS
 from fedsim.data.config import DataConfig
@@ -21,7 +21,7 @@ from fedsim.outputs import UnsafeOutput, check_file_target
 from fedsim.report import compare_runs, report_paths, write_table
 from fedsim.scenario import load_scenario
 from fedsim.schema import ScenarioError
-from strategies import STRATEGIES
+from fedsim.strategies import STRATEGIES
 
 
 def cmd_list(args: argparse.Namespace) -> int:

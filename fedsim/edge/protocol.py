@@ -6,7 +6,7 @@ Two message types, both answered by fedsim's deployed ClientApp (:mod:`fedsim.ed
   cloud sends the global model; the edge deploys it (with its own local state when the
   deployment is personalized), builds its own stream and plays it through each adapter,
   then replies with the per-batch scores. Nothing is uploaded.
-- ``query.split`` (cloud-edge adapters: any :class:`adapters.base.SplitAdapter`, e.g. CEMA):
+- ``query.split`` (cloud-edge adapters: any :class:`fedsim.adapters.base.SplitAdapter`, e.g. CEMA):
   the edge builds the adapter's edge half (``make_edge``) around its deployed model and
   plays batches (:func:`play_edge`: predict, select the upload) until its uploads reach
   the cloud half's ``upload_budget`` (at least one batch), a shift where the adapter
@@ -17,7 +17,7 @@ Two message types, both answered by fedsim's deployed ClientApp (:mod:`fedsim.ed
   runs in a fresh process).
 
 The sequence of edge forwards, uploads, cloud steps and model updates is the one the
-in-process :class:`~adapters.base.SplitAdapter` runs, so a demo scores what the simulation
+in-process :class:`~fedsim.adapters.base.SplitAdapter` runs, so a demo scores what the simulation
 scores. Nothing here names a particular adapter.
 """
 
@@ -42,8 +42,8 @@ from flwr.app import (
     RecordDict,
 )
 
-from adapters import adapter_class, adapter_settings, build_adapter
-from adapters.base import (
+from fedsim.adapters import adapter_class, adapter_settings, build_adapter
+from fedsim.adapters.base import (
     CloudHalf,
     EdgeHalf,
     Payload,
@@ -214,7 +214,7 @@ def play_edge(
 
 def cloud_take(cloud: CloudHalf, rows: list[BatchRecord], uploads: list[Payload | None], bytes_down: float) -> tuple[Payload | None, float]:
     """The cloud's side of one reply: each played batch's upload in order, as the
-    in-process :class:`~adapters.base.SplitAdapter` hands them over. Completes each row's
+    in-process :class:`~fedsim.adapters.base.SplitAdapter` hands them over. Completes each row's
     metrics as the in-process adapter reports them after that batch and returns the update
     for the edge's next message (None: none) and the bytes sent down so far."""
     update: Payload | None = None

@@ -32,7 +32,7 @@ INJECTED = ("foundation",)
 
 class AdapterSpec(Section):
     """One adapter: ``name`` is a registered adapter (``fedsim list``) or an import path
-    ``package.module:Class`` of an :class:`adapters.base.Adapter` subclass; ``args`` are its
+    ``package.module:Class`` of an :class:`fedsim.adapters.base.Adapter` subclass; ``args`` are its
     settings (unknown ones are errors); ``label`` names it in outputs (default: name)."""
 
     name: str

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from adapters import adapter_class, adapter_settings, build_adapter
+from fedsim.adapters import adapter_class, adapter_settings, build_adapter
 from fedsim.config import Scenario, ScenarioError
 from fedsim.data.loading import load_dataset, partitions
 from fedsim.tta.config import AdaptationConfig, AdapterSpec

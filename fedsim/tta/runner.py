@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.base import Adapter
+from fedsim.adapters.base import Adapter
 from fedsim.tta.streams import StreamBatch
 
 

@@ -1,0 +1,30 @@
+"""What ``pip install`` installs: one top-level package, ``fedsim``, with every package folder
+of the repository under it (strategies/ and adapters/ as fedsim.strategies / fedsim.adapters)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_lists_every_package_folder_under_fedsim() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, folders = set(config["packages"]), config["package-dir"]
+    assert all(name == "fedsim" or name.startswith("fedsim.") for name in listed)
+    found = set()
+    for package, folder in folders.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *parts)))
+    assert found == listed
+
+
+def test_the_method_packages_import_under_fedsim() -> None:
+    import fedsim.adapters
+    import fedsim.strategies
+
+    assert Path(fedsim.strategies.__file__).resolve().parent == ROOT / "strategies"
+    assert Path(fedsim.adapters.__file__).resolve().parent == ROOT / "adapters"
+    assert "fedavg" in fedsim.strategies.STRATEGIES.names() and "cema" in fedsim.adapters.ADAPTERS.names()
