@@ -177,7 +177,7 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
         # test-batch normalization alone: the statistics pass CEMA's default edge shares
         "tbn": TBN(model),
     }
-    steps = {"plain": plain_step, **{k: a.predict_and_adapt for k, a in fedsim.adapters.items()}}
+    steps = {"plain": plain_step, **{k: a.predict_and_adapt for k, a in adapters.items()}}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(name: str) -> float:

@@ -353,7 +353,7 @@ def test_econtrol_matches_direct_transcription(problem: Quadratic | Logistic, pa
 
 
 def test_econtrol_error_is_the_dropped_part() -> None:
-    """e+ = (1 - eta) e + (p - C(p)) with p the compressed vector (our reading of METHODS.md)."""
+    """e+ = (1 - eta) e + (p - C(p)) with p the compressed vector (our reading of the EControl paper)."""
     rng = np.random.default_rng(0)
     d, eta = 40, 0.2
     st = EControlClientState(rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32))

@@ -33,7 +33,7 @@ def run(scenario: Path, out: Path, *overrides: str) -> list[dict]:
 
 def test_relu_gamma_constant():
     assert RELU_GAMMA == pytest.approx(math.sqrt(2.0 / (1.0 - 1.0 / math.pi)))
-    # METHODS.md's "~1.7139" is NFNets' empirical constant (1.71395...); the analytic
+    # the FedWon paper's "~1.7139" is NFNets' empirical constant (1.71395...); the analytic
     # sqrt(2 / (1 - 1/pi)) it also states is 1.71286: 0.06% apart, fedsim uses the formula
     assert RELU_GAMMA == pytest.approx(1.7139, abs=2e-3)
 

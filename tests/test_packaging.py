@@ -28,3 +28,13 @@ def test_the_method_packages_import_under_fedsim() -> None:
     assert Path(fedsim.strategies.__file__).resolve().parent == ROOT / "strategies"
     assert Path(fedsim.adapters.__file__).resolve().parent == ROOT / "adapters"
     assert "fedavg" in fedsim.strategies.STRATEGIES.names() and "cema" in fedsim.adapters.ADAPTERS.names()
+
+
+def test_former_import_paths_resolve_to_the_fedsim_modules() -> None:
+    from fedsim.registry import import_object
+    from fedsim.strategies.compressed.ef21 import EF21
+    from fedsim.strategies.fedwon import FedWon
+
+    assert import_object("strategies.fedwon:FedWon") is FedWon
+    assert import_object("strategies.ef21:EF21") is EF21
+    assert import_object("fedsim.adapters.tent:Tent") is import_object("adapters.tent:Tent")

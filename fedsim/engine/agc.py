@@ -11,11 +11,12 @@ Rows under the threshold are left bit-identical. ``lambda`` ("clip factor") is a
 NFNets use 0.01 at batch 4096; FedWon's small batches need a far larger value
 (FedWon's own value **unconfirmed**; fedsim's default :data:`DEFAULT_LAMBDA`).
 
-Use it from any strategy's client: :func:`adaptive_clip_` on a model's parameters, the
-:class:`AGCMixin` for a ClientHooks subclass, or :class:`AGCClientHooks` (FedAvg's client
-plus AGC) named as a strategy's ``client_hooks``. All read the message config keys
-``agc-lambda`` (0 or absent: off), ``agc-eps`` and ``agc-exclude`` (comma-separated
-parameter-name prefixes left unclipped, e.g. the classifier head as NFNets do).
+A client option of every strategy: :class:`fedsim.engine.hooks.ClientHooks` (the client side
+every strategy builds on) clips after each backward pass when the train message's config
+sets ``agc-lambda`` (0 or absent: off; the scenario's ``client.agc_lambda``, FedWon's
+``agc_lambda``), with ``agc-eps`` and ``agc-exclude`` (comma-separated parameter-name
+prefixes left unclipped, e.g. the classifier head as NFNets do): :func:`agc_settings` reads
+them, :func:`clip_model_` applies them. :func:`adaptive_clip_` clips any parameters directly.
 """
 
 from __future__ import annotations
