@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from fedsim import safe_yaml
 from fedsim.edge.config import EdgeConfig
 from fedsim.section import Section, did_you_mean
+from fedsim.tracking.config import TrackingConfig
 from fedsim.tta.config import AdaptationConfig
 
 MAX_MESSAGE = 400
@@ -219,6 +220,7 @@ class Scenario(Section):
     faults: FaultConfig = Field(default_factory=FaultConfig)
     adaptation: AdaptationConfig | None = Field(None, description="test-time adaptation after training (docs/tta.md)")
     edge: EdgeConfig | None = Field(None, description="the edge demo on Flower's deployment runtime (docs/edge.md)")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard / MLflow / W&B sinks (README, Tracking)")
 
     @field_validator("name")
     @classmethod

@@ -15,6 +15,7 @@ from typing import Any
 from fedsim.config import Scenario, ScenarioError, short_repr, short_source
 from fedsim.registry import RegistryError
 from fedsim.section import did_you_mean
+from fedsim.tracking.sinks import check_tracking
 
 # Flower strategy arguments that make the server wait until that many clients connect;
 # larger than the population, the run waits forever. Current names, then Flower's older ones.
@@ -231,6 +232,7 @@ def check_scenario(scenario: Scenario, source: str) -> None:
         check_adaptation(scenario, scenario.adaptation, source)
     if scenario.edge is not None:
         check_edge(scenario, source)
+    check_tracking(scenario.tracking, source)
 
 
 def check_out_folder(out: str | Path, option: str = "--out") -> None:
