@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_tensorboard_holds_each_round_of_metrics_jsonl(tmp_path: Path) -> None:
     assert [r["round"] for r in records] == [1, 2, 3]
     got = scalars(out / "tensorboard")
     assert_series(got, expected_rounds(records))
-    assert len(records[0]["per_domain"]) == 2 and len(records[0]["per_client"]) == 4
+    assert len(records[0]["per_domain"]) == 4 and len(records[0]["per_client"]) == 8  # toy: 4 domains x 2 clients
     assert_series(got, {f"eval/client/{c}": [(r["round"], r["per_client"][c]) for r in records] for c in records[0]["per_client"]})
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
@@ -201,7 +202,7 @@ def wandb_history(run_file: Path) -> list[dict]:
         if kind in (1, 4):
             record = wandb_internal_pb2.Record.FromString(pending)
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key: json.loads(item.value_json) for item in record.history.item})
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
     return rows
 
 
@@ -217,3 +218,11 @@ def test_wandb_offline_run_holds_rounds(tmp_path: Path) -> None:
     for row, r in zip(rows, records, strict=True):
         assert row["eval/accuracy"] == pytest.approx(r["accuracy"]) and row["bytes/up"] == r["bytes_up"]
         assert {k: row[f"eval/domain/{k}"] for k in r["per_domain"]} == pytest.approx(r["per_domain"])
+    # killed after logging round 2, before checkpointing it: the resume logs round 3 only
+    shutil.rmtree(out / "checkpoints" / "round_00002")
+    (out / "scenario.yaml").write_text((out / "scenario.yaml").read_text().replace("rounds: 2", "rounds: 3"))
+    time.sleep(1.1)  # W&B names an offline session's folder by the second: keep the two apart
+    assert main(["run", "--resume", str(out)]) == 0
+    sessions = sorted((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(sessions) == 2  # one per session; `wandb sync` uploads both into run run_id
+    assert [row["round"] for f in sessions for row in wandb_history(f)] == [1, 2, 3]
