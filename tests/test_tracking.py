@@ -13,10 +13,10 @@ import pytest
 import yaml
 from conftest import write_scenario
 
-from fedsim.cli import main
+# tensorboard is in the test extra (this must run in CI); the MLflow / W&B tests skip without theirs
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-pytest.importorskip("tensorboard")  # in the test extra; the MLflow / W&B tests skip without theirs
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from fedsim.cli import main
 
 ADAPT = {"adapters": ["source", "tbn"], "stream": {"corruptions": ["gaussian_noise"], "severities": [3], "batch_size": 16, "samples_per_shift": 32}, "edges": [0, 1]}
 

@@ -45,7 +45,7 @@ def _shorthand(value: Any) -> Any:
         return {}
     if value is False or value is None:
         return None
-    if isinstance(value, dict) or isinstance(value, Section):
+    if isinstance(value, (dict, Section)):
         return value
     raise ValueError(f"expected true, false or a mapping of options (got {value!r:.60})")
 
