@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from fedsim.data.config import DataConfig
 from fedsim.edge.config import EdgeConfig
 from fedsim.schema import MAX_SEED, ScenarioError, Section
+from fedsim.tracking.config import TrackingConfig
 from fedsim.tta.config import AdaptationConfig
 
 __all__ = [
@@ -105,6 +106,7 @@ class Scenario(Section):
     faults: FaultConfig = Field(default_factory=FaultConfig)
     adaptation: AdaptationConfig | None = Field(None, description="test-time adaptation after training (docs/tta.md)")
     edge: EdgeConfig | None = Field(None, description="the edge demo on Flower's deployment runtime (docs/edge.md)")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard / MLflow / W&B sinks (README, Tracking)")
 
     @field_validator("name")
     @classmethod

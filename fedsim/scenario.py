@@ -44,6 +44,7 @@ from fedsim.models import MODELS, build_model
 from fedsim.registry import RegistryError, constructor_params
 from fedsim.results import RunFolder
 from fedsim.schema import ScenarioError, did_you_mean, fail, short_repr, short_source, validation_error_line
+from fedsim.tracking.sinks import check_tracking
 from fedsim.tta.config import CLEAN, INJECTED, AdaptationConfig
 from fedsim.tta.corruptions import CORRUPTIONS
 from fedsim.tta.deploy import ModelRun, ModelRunError
@@ -357,6 +358,7 @@ def check_scenario(scenario: Scenario, source: str) -> None:
         check_adaptation(scenario, scenario.adaptation, source)
     if scenario.edge is not None:
         check_edge(scenario, source)
+    check_tracking(scenario.tracking, source)
 
 
 def check_edge(scenario: Scenario, source: str) -> None:

@@ -5,10 +5,10 @@ Floors, bottom to top (a module may import its own floor and those below):
 0. the ground: ``fedsim`` (version), ``schema``, ``registry``, ``arrays``, ``safe_yaml``,
    ``runlock``, ``outputs``
 1. leaf schemas and libraries: ``data.config``, ``data.base``, ``data.partitioners``,
-   ``tta.config``, ``tta.corruptions``, ``edge.config``, ``models``
+   ``tta.config``, ``tta.corruptions``, ``edge.config``, ``tracking.config``, ``models``
 2. the root schema: ``config``
 3. data: ``data.*``
-4. the engine and its results: ``engine.*``, ``results``, ``report``, ``tracking``
+4. the engine and its results: ``engine.*``, ``results``, ``report``, ``tracking.*``
 5. methods: ``strategies.*``, ``adapters.*``
 6. test-time adaptation: ``tta.*``
 7. the scenario, validated and built: ``scenario``
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"fedsim": "fedsim", "strategies": "fedsim.strategies", "adapters": "fedsim.adapters"}
 FLOORS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("fedsim", "fedsim.schema", "fedsim.registry", "fedsim.arrays", "fedsim.safe_yaml", "fedsim.runlock", "fedsim.outputs")),
-    (1, ("fedsim.data.config", "fedsim.data.base", "fedsim.data.partitioners", "fedsim.tta.config", "fedsim.tta.corruptions", "fedsim.edge.config", "fedsim.models")),
+    (1, ("fedsim.data.config", "fedsim.data.base", "fedsim.data.partitioners", "fedsim.tta.config", "fedsim.tta.corruptions", "fedsim.edge.config", "fedsim.tracking.config", "fedsim.models")),
     (2, ("fedsim.config",)),
     (3, ("fedsim.data",)),
     (4, ("fedsim.engine", "fedsim.results", "fedsim.report", "fedsim.tracking")),

@@ -27,11 +27,16 @@ from fedsim.scenario import apply_overrides, check_adaptation, check_cuda, open_
 from fedsim.schema import ScenarioError, validation_error_line
 from fedsim.tta.config import AdaptationConfig
 from fedsim.tta.deploy import ModelRun
+from fedsim.tracking.config import TrackingConfig
+from fedsim.tracking.sinks import Trackers, build_trackers, check_tracking
 from fedsim.tta.experiment import SUMMARY, print_table, run_adaptation
-def load_adaptation_file(path: str | Path, overrides: list[str] | None = None) -> tuple[str, AdaptationConfig]:
-    """Read an adapt scenario and validate it against the schema; return (name, adaptation).
 
-    Only ``name`` and ``adaptation`` are used by ``fedsim adapt`` (data, model and strategy
+
+def load_adaptation_file(path: str | Path, overrides: list[str] | None = None) -> tuple[str, AdaptationConfig, TrackingConfig]:
+    """Read an adapt scenario and validate it against the schema; return (name, adaptation,
+    tracking).
+
+    Only ``name``, ``adaptation`` and ``tracking`` are used by ``fedsim adapt`` (data, model and strategy
     come from the model run, which :func:`check_adaptation` checks it against), so the
     registry/data checks of the other sections are skipped; every key is still validated.
     """
@@ -44,16 +49,25 @@ def load_adaptation_file(path: str | Path, overrides: list[str] | None = None) -
     if scenario.adaptation is None:
         raise ScenarioError(f"{path}: adaptation: required key is missing (fedsim adapt needs an adaptation section)")
     check_cuda(scenario.adaptation.device, "adaptation.device", str(path))  # before the model run is opened
-    return scenario.name, scenario.adaptation
+    check_tracking(scenario.tracking, str(path))
+    return scenario.name, scenario.adaptation, scenario.tracking
 
 
 def _log(console: Any):
     return lambda msg: console.print(msg, highlight=False)
 
 
-def _run_phase(model_run: ModelRun, cfg: AdaptationConfig, out: Path, name: str, source: str, console: Console) -> int:
+def _run_phase(model_run: ModelRun, cfg: AdaptationConfig, out: Path, name: str, source: str, console: Console, tracked: Scenario | None = None, log_hparams: bool = False) -> int:
+    """Adapt and report; ``tracked``: the scenario whose ``tracking`` section gets the
+    per-batch series (its trackers write into ``out``; ``log_hparams``: a new tracked run,
+    so the scenario is logged too)."""
+    trackers = Trackers()
     try:
-        summary = run_adaptation(model_run, cfg, out, name=name, source=source, log=_log(console))
+        if tracked is not None:
+            trackers = build_trackers(tracked, out, phase="adaptation")
+            if log_hparams:
+                trackers.log_hparams(tracked)
+        summary = run_adaptation(model_run, cfg, out, name=name, source=source, log=_log(console), on_batch=trackers.log_batch if trackers else None)
     except ScenarioError as exc:
         error(exc)
         return EXIT_BAD_INPUT
@@ -65,6 +79,8 @@ def _run_phase(model_run: ModelRun, cfg: AdaptationConfig, out: Path, name: str,
         if os.environ.get("FEDSIM_DEBUG"):
             raise
         return EXIT_FAILURE
+    finally:
+        trackers.close()
     print_table(console, summary)
     console.print(f"adaptation done in {summary['wall_s']:.1f}s; results in {out} ({Path(summary['files']['plot']).name}, adaptation.jsonl, adaptation_summary.json)")
     return EXIT_OK
@@ -79,7 +95,7 @@ def adapt_after_run(run: RunFolder, scenario: Scenario, source: str, console: Co
         error(exc)
         return EXIT_BAD_INPUT
     console.print(f"[b]adaptation[/b]: {', '.join(s.display for s in scenario.adaptation.adapter_specs())} on each edge's stream")
-    code = _run_phase(model_run, scenario.adaptation, run.path, scenario.name, source, console)
+    code = _run_phase(model_run, scenario.adaptation, run.path, scenario.name, source, console, tracked=scenario)
     if code == EXIT_OK and scenario.edge is not None:  # the same device estimates as the edge demo
         summary = json.loads((Path(run.path) / SUMMARY).read_text())
         console.print(f"device-profile estimates: {write_device_report(run.path, scenario, run.read_metrics(), summary)}")
@@ -91,7 +107,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     try:
         if args.scenario and "=" in args.scenario and not Path(args.scenario).exists():
             raise ScenarioError(f"{args.scenario}: scenario file not found (overrides come after the scenario file)")
-        name, cfg = load_adaptation_file(args.scenario, list(args.overrides))
+        name, cfg, tracking = load_adaptation_file(args.scenario, list(args.overrides))
         model_run = open_model_run(args.model)
         check_adaptation(model_run.scenario, cfg, args.scenario)
         out = Path(args.out) if args.out else model_run.path / f"adapt-{name}"
@@ -106,7 +122,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     atomic_write_bytes(out / "adaptation.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
     sc = model_run.scenario
     out_console.print(f"[b]{name}[/b]: adapt {model_run.path} ({sc.strategy.name}, {sc.model.name} on {sc.data.dataset}, round {model_run.checkpoint.round}) -> {out}")
-    code = _run_phase(model_run, cfg, out, name, args.scenario, out_console)
+    # the trackers get the trained run's scenario with this file's name, adaptation and tracking
+    tracked = model_run.scenario.model_copy(update={"name": name, "adaptation": cfg, "tracking": tracking})
+    code = _run_phase(model_run, cfg, out, name, args.scenario, out_console, tracked=tracked if tracking.enabled else None, log_hparams=True)
     if code != EXIT_OK and created and not any(p.name not in ("adaptation.yaml", MARKER) for p in out.iterdir()):
         remove_owned(out, "adaptation")  # nothing was produced: leave no half folder
     return code

@@ -25,6 +25,7 @@ from fedsim.outputs import check_out_folder
 from fedsim.results import RunFolder, plot_accuracy, summarize
 from fedsim.scenario import load_scenario, new_run, open_run
 from fedsim.schema import ScenarioError
+from fedsim.tracking.sinks import build_trackers
 
 
 def describe(scenario: Scenario) -> str:
@@ -109,7 +110,19 @@ def _cmd_run(args: argparse.Namespace, held: list[RunFolder]) -> int:
     t0 = time.perf_counter()
     done = experiment.checkpoint.round if experiment.checkpoint else 0
     progress, on_round = _progress(out, scenario.rounds, done)
-    experiment.on_round = on_round
+    try:  # a resume continues at round done + 1: the trackers drop what they hold from there on
+        trackers = build_trackers(scenario, run.path, first_step=done + 1 if resume else None)
+        if not resume:
+            trackers.log_hparams(scenario)
+    except Exception as exc:  # noqa: BLE001 - one line, e.g. an unreachable MLflow server
+        error(f"tracking: {type(exc).__name__}: {exc} ({_after_failure(run, created)})")
+        return EXIT_FAILURE
+
+    def on_round_tracked(record: dict[str, Any]) -> None:
+        on_round(record)
+        trackers.log_round(record)
+
+    experiment.on_round = on_round_tracked
     try:
         with progress:
             RUNTIMES[scenario.runtime.name](experiment)
@@ -124,6 +137,8 @@ def _cmd_run(args: argparse.Namespace, held: list[RunFolder]) -> int:
         if os.environ.get("FEDSIM_DEBUG"):
             raise
         return EXIT_FAILURE
+    finally:
+        trackers.close()
     records = run.read_metrics()
     try:
         run.write_summary(summarize(records, scenario, time.perf_counter() - t0))

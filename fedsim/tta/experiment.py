@@ -56,6 +56,7 @@ def run_adaptation(
     source: str = "scenario",
     log: Callable[[str], None] | None = None,
     player: Callable[[dict[int, torch.nn.Module], torch.nn.Module | None], StreamPlayer] | None = None,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Adapt each edge's deployed model on its stream(s); write the files listed in the
     module docstring into ``out`` and return the summary. ``cfg`` is checked against the run
@@ -63,7 +64,8 @@ def run_adaptation(
     fails raises :class:`~fedsim.schema.ScenarioError` (``source: adaptation.key: message``).
     ``player`` builds what
     plays the streams from the deployed models and the foundation (default: this process;
-    the edge demo plays them on SuperNodes)."""
+    the edge demo plays them on SuperNodes). ``on_batch`` gets each ``adaptation.jsonl`` row
+    (the experiment trackers)."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,8 @@ def run_adaptation(
                 for row in res.to_records():
                     row.update(edge=e, domain=parts[e].domain, seed=seed, stream_seed=sseed, batch=row.pop("index"))
                     fh.write(json.dumps(row) + "\n")
+                    if on_batch is not None:
+                        on_batch(row)
                 fh.flush()
                 extra = ""
                 if "upload_fraction" in res.metrics:
