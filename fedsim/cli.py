@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedsim.edge.command import add_parser as add_edge_parser
 
     add_edge_parser(sub)  # fedsim edge demo | up | certs
+    from fedsim.sweep_command import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)  # fedsim sweep
 
     sub.add_parser("list", help="registered strategies, adapters, datasets, models").set_defaults(func=cmd_list)
 
