@@ -444,9 +444,15 @@ def _difference(saved: dict[str, Any], spec: SweepSpec, runs: list[SweepRun]) ->
     """Why a saved sweep is not this one, in a few words; None when it is."""
     old = saved.get("definition", {})
     now = spec.definition()
+
+    def shown(key: str, value: Any) -> str:
+        if key == "axes" and isinstance(value, list):
+            return " ".join(f"{k}={','.join(map(str, v))}" for k, v in value) or "(none)"
+        return short_repr(value)
+
     for key, what in (("axes", "grid"), ("seeds", "seeds"), ("overrides", "fixed overrides")):
         if old.get(key) != now[key]:
-            return f"its {what} differ{'s' if what == 'grid' else ''} from this sweep's (saved: {short_repr(old.get(key))}, now: {short_repr(now[key])})"
+            return f"its {what} differ{'s' if what == 'grid' else ''} from this sweep's (saved: {shown(key, old.get(key))}; now: {shown(key, now[key])})"
     prints = {r["folder"]: r.get("fingerprint") for r in saved.get("runs", [])}
     for run in runs:
         if prints.get(run.folder.name) != run.fingerprint:
@@ -556,7 +562,7 @@ def run_sweep(
                 run.status, run.metrics = "done", run_metrics(run)
         write_outputs(spec, out, runs, title)
         todo = [r for r in runs if r.status != "done"]
-        say(f"sweep {out}: {len(runs)} run(s), {len(runs) - len(todo)} finished before{' (continued)' if resumed else ''}, {len(todo)} to run")
+        say(f"{out}: {len(runs)} run(s), {len(runs) - len(todo)} finished before{' (continued)' if resumed else ''}, {len(todo)} to run")
         with _interrupt_flag() as interrupted:
             for i, run in enumerate(todo, 1):
                 state = run_state(run)
