@@ -214,3 +214,22 @@ def test_overwrite_replaces_a_fedsim_sweep(swept, tmp_path):
     folder, points = run_sweep(spec, runner=lambda argv: calls.append(argv) or main(argv), out=out, overwrite=True)
     assert len(calls) == 1 and points[0]["seeds_done"] == 1
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["client.lr=0.05"]
+
+
+def test_adaptation_columns_are_each_adapters_online_error_over_seeds(tmp_path):
+    adaptation = {"adapters": ["source", "tbn"], "stream": {"corruptions": ["gaussian_noise"], "severities": [3], "batch_size": 16, "samples_per_shift": 24}, "edges": [0]}
+    scenario = write_scenario(tmp_path / "toy.yaml", rounds=1, data={"samples_per_client": 24}, adaptation=adaptation)
+    out = tmp_path / "out"
+    assert main(["sweep", str(scenario), "adaptation.stream.batch_size=8,16", "--seeds", SEEDS, "--out", str(out)]) == 0
+    doc = json.loads((out / "sweep.json").read_text())
+    table = (out / "sweep.md").read_text()
+    assert "| adaptation.stream.batch_size | seeds | final acc | best acc | MB up | MB down | online err source | online err tbn |" in table
+    for point in doc["points"]:
+        size = point["labels"]["adaptation.stream.batch_size"]
+        cells = []
+        for adapter in ("source", "tbn"):
+            errors = [json.loads((out / f"adaptation.stream.batch_size={size}_seed={s}" / "adaptation_summary.json").read_text())["results"][adapter]["error"] for s in (0, 1)]
+            mean, std = _stats(errors)
+            assert point["online_error"][adapter] == pytest.approx({"mean": mean, "std": std, "n": 2})
+            cells.append(f"{mean:.4f} ± {std:.4f}")
+        assert table.splitlines()[[i for i, line in enumerate(table.splitlines()) if line.startswith(f"| {size} |")][0]].endswith(" | ".join(cells) + " |")
