@@ -59,13 +59,21 @@ from fedsim.tta.experiment import SUMMARY as ADAPTATION_SUMMARY
 from fedsim.validate import check_out_folder
 
 __all__ = [
-    "Axis", "Runner", "SweepRun", "SweepSpec", "aggregate", "markdown_table", "parse_seeds", "parse_sweep_args",
+    "Axis", "Runner", "SweepInterrupted", "SweepRun", "SweepSpec", "aggregate", "markdown_table", "parse_seeds", "parse_sweep_args",
     "plot_sweep", "prepare_sweep", "run_sweep", "split_values",
 ]
 
 JSON_FILE, TABLE_FILE, PLOT_FILE = "sweep.json", "sweep.md", "sweep.png"
 SEED = "seed"
 MAX_COMPONENT = 120  # characters of a run folder's name before it is shortened with a hash
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep; ``folder`` is the sweep folder to continue."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(str(folder))
+        self.folder = folder
+
 
 Runner = Callable[[list[str]], int]
 """Runs one ``fedsim`` command line (``["run", ...]``) in this process; returns its exit code."""
@@ -551,7 +559,7 @@ def run_sweep(
     Returns the sweep folder and the aggregated points (as in ``sweep.json``). Bad input
     raises ScenarioError before anything is created; a failed run is recorded (status
     ``failed``) and the others go on; Ctrl-C stops after writing what is finished
-    (KeyboardInterrupt)."""
+    (:class:`SweepInterrupted`)."""
     say = log or (lambda _msg: None)
     out, runs = prepare_sweep(spec, out)
     resumed = open_sweep(spec, out, runs, overwrite)
@@ -572,7 +580,7 @@ def run_sweep(
                 else:
                     argv = ["run", spec.scenario, *run.overrides, "--out", str(run.folder), *(["--overwrite"] if state == "restart" else [])]
                 code = runner(argv)
-                if interrupted[0]:
+                if interrupted[0]:  # `fedsim run` turned the Ctrl-C into exit code 1
                     raise KeyboardInterrupt
                 if code == 0 and run_state(run) == "done":
                     run.status, run.metrics = "done", run_metrics(run)
@@ -581,6 +589,9 @@ def run_sweep(
                     say(f"run {run.label} failed (exit code {code}); the sweep goes on")
                 write_outputs(spec, out, runs, title)
         return out, write_outputs(spec, out, runs, title)
+    except KeyboardInterrupt:
+        write_outputs(spec, out, runs, title)  # what finished stays in the table
+        raise SweepInterrupted(out) from None
     finally:
         unlock_folder(out)
 

@@ -23,7 +23,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from fedsim import cli
     from fedsim.config import ScenarioError
-    from fedsim.sweep import parse_seeds, parse_sweep_args, run_sweep, spec_from_saved
+    from fedsim.sweep import SweepInterrupted, parse_seeds, parse_sweep_args, run_sweep, spec_from_saved
 
     console = Console()
     try:
@@ -43,9 +43,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ScenarioError as exc:  # UnsafeOutput included
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        target = args.resume or out or "OUT"
-        print(f"interrupted; finished runs are kept; continue with: fedsim sweep --resume {target}", file=sys.stderr)
+    except SweepInterrupted as exc:
+        print(f"interrupted; finished runs are kept; continue with: fedsim sweep --resume {exc.folder}", file=sys.stderr)
         return EXIT_FAILURE
     print((folder / "sweep.md").read_text())
     failed = [r["folder"] for p in points for r in p["runs"] if r["status"] != "done"]
