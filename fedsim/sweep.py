@@ -51,8 +51,21 @@ import numpy as np
 
 from fedsim import __version__
 from fedsim.arrays import atomic_write_bytes
-from fedsim.config import ScenarioError, load_scenario, parse_override, scenario_to_yaml, short_repr
-from fedsim.outputs import PNG_SOFTWARE, UnsafeOutput, check_location, create_folder, marker_kind, ownership_problem
+from fedsim.config import (
+    ScenarioError,
+    load_scenario,
+    parse_override,
+    scenario_to_yaml,
+    short_repr,
+)
+from fedsim.outputs import (
+    PNG_SOFTWARE,
+    UnsafeOutput,
+    check_location,
+    create_folder,
+    marker_kind,
+    ownership_problem,
+)
 from fedsim.results import RunFolder
 from fedsim.runlock import FolderLocked, lock_folder, unlock_folder
 from fedsim.tta.experiment import SUMMARY as ADAPTATION_SUMMARY
@@ -257,7 +270,7 @@ def prepare_sweep(spec: SweepSpec, out: Path | None = None) -> tuple[Path, list[
         out = Path("runs") / f"{loaded[0][2].name if len(names) == 1 else Path(spec.scenario).stem}-sweep"
     check_out_folder(out)
     check_location(out, "sweep")
-    keyed = [tuple([*params.items(), *([(SEED, str(s.seed))] if spec.seeds is not None else [])]) for _, params, s, _ in loaded]
+    keyed = [(*params.items(), *([(SEED, str(s.seed))] if spec.seeds is not None else [])) for _, params, s, _ in loaded]
     names = _folder_names([k if k else ((SEED, str(s.seed)),) for k, (_, _, s, _) in zip(keyed, loaded)])
     runs = [
         SweepRun(index, dict(params), scenario.seed, overrides, out / name, hashlib.sha256(scenario_to_yaml(scenario).encode()).hexdigest(), scenario.adaptation is not None)
@@ -354,8 +367,11 @@ def markdown_table(spec: SweepSpec, points: list[dict[str, Any]], title: str) ->
     head = [*keys, "seeds", "final acc", "best acc", "MB up", "MB down", *(f"online err {a}" for a in adapters)]
     lines = [
         f"# {title}", "",
-        f"{len(points)} point(s) x {seeds} seed(s); mean ± std over seeds (population std); accuracy: mean test accuracy over domains; "
-        "online err: each adapter's online error (mean over edges and stream seeds).", "",
+        (
+            f"{len(points)} point(s) x {seeds} seed(s); mean ± std over seeds (population std); accuracy: mean test accuracy over domains; "
+            "online err: each adapter's online error (mean over edges and stream seeds)."
+        ),
+        "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
     ]
     for p in points:
@@ -374,7 +390,9 @@ def _is_number(value: Any) -> bool:
 def plot_sweep(spec: SweepSpec, points: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Final accuracy (and each adapter's online error) against the first varied key, error
     bars over seeds, one line per combination of the other varied keys."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg; matplotlib is slow to import
+    from matplotlib.figure import (
+        Figure,  # a bare Figure renders with Agg; matplotlib is slow to import
+    )
 
     adapters = list(dict.fromkeys(a for p in points for a in p["online_error"]))
     panels = [("final test accuracy", lambda p: p["final_accuracy"], "")]

@@ -23,7 +23,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from fedsim import cli
     from fedsim.config import ScenarioError
-    from fedsim.sweep import SweepInterrupted, parse_seeds, parse_sweep_args, run_sweep, spec_from_saved
+    from fedsim.sweep import (
+        SweepInterrupted,
+        parse_seeds,
+        parse_sweep_args,
+        run_sweep,
+        spec_from_saved,
+    )
 
     console = Console()
     try:
