@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     _command(c, "edge:cmd_certs")
 
+    s = sub.add_parser("sweep", help="run a scenario over a grid of overrides and seeds; table and plot of mean ± std")
+    s.add_argument("scenario", nargs="?", help="scenario YAML file")
+    s.add_argument("grid", nargs="*", help="key=v1,v2,... (an axis of the grid; commas inside [...] or quotes do not split) or key=value (a fixed override)")
+    s.add_argument("--seeds", help="seeds of every point, e.g. 0,1,2 or 0-4 (default: the scenario's seed)")
+    s.add_argument("--out", help="sweep folder (default runs/<name>-sweep)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing fedsim sweep folder (never a folder holding other files)")
+    s.add_argument("--resume", metavar="SWEEP_FOLDER", help="continue a sweep: finished runs are skipped, interrupted ones resumed")
+    _command(s, "sweep:cmd_sweep")
+
     _command(sub.add_parser("list", help="registered strategies, adapters, datasets, models"), "misc:cmd_list")
 
     rep = sub.add_parser("report", help="side-by-side table and plot of runs")
