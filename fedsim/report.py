@@ -162,8 +162,9 @@ def read_run(path: Path) -> Run:
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys to leaf values (lists are leaves)."""
-    if isinstance(value, dict) and value:
+    """Dotted keys to leaf values (lists are leaves; an empty mapping has none, so
+    ``args: {}`` against ``args: {mu: 0.1}`` shows as ``args.mu`` alone)."""
+    if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in value.items():
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
