@@ -6,7 +6,7 @@
 - ``adaptation.jsonl``: one JSON object per batch (adapter, edge, domain, seed, stream
   seed, shift, segment, batch index, samples, correct, online accuracy, cumulative accuracy,
   wall seconds of ``predict_and_adapt``, the adapter's cumulative metrics);
-- ``adaptation_summary.json``: per adapter, overall / per edge / per shift mean online
+- ``adaptation_summary.json``: the plot's title, per adapter, overall / per edge / per shift mean online
   error (mean over edges and seeds), CEMA's upload fraction and bytes both ways, seconds
   per batch, what each edge deployed, the foundation model's record, and every stream's
   record (protocol, reset policy, sample counts, seeds);
@@ -115,8 +115,13 @@ def run_adaptation(
                     extra = f"  upload {res.metrics['upload_fraction']:.3f}"
                 say(f"{spec.display:>16}  edge {e} ({parts[e].domain})  seed {seed}  online error {1 - res.accuracy:.4f}  {res.summary()['seconds_per_batch'] * 1e3:.1f} ms/batch{extra}")
 
+    # the plot's title: the adaptation and the trained run it deployed (strategy, rounds, seed)
+    deployed_round = "" if model_run.checkpoint.round == scenario.rounds else f", model of round {model_run.checkpoint.round}"
+    trained = f"{describe(scenario)}{deployed_round}"
+    title = f"{trained}: online accuracy after training" if name == scenario.name else f"{name}: online accuracy, model of {trained}"
     summary: dict[str, Any] = {
         "name": name,
+        "title": title,
         "model_run": str(model_run.path),
         "checkpoint_round": model_run.checkpoint.round,
         "strategy": scenario.strategy.name,
@@ -140,9 +145,6 @@ def run_adaptation(
     panels = {
         f"edge {e} ({parts[e].domain}), seed {first}": [results[s.display][e][first] for s in specs] for e in edges
     }
-    deployed_round = "" if model_run.checkpoint.round == scenario.rounds else f", model of round {model_run.checkpoint.round}"
-    trained = f"{describe(scenario)}{deployed_round}"
-    title = f"{trained}: online accuracy after training" if name == scenario.name else f"{name}: online accuracy, model of {trained}"
     plot_streams(panels, out / PLOT, title=title)
     summary["files"] = {"jsonl": str(jsonl), "summary": str(out / SUMMARY), "plot": str(out / PLOT)}
     return summary
