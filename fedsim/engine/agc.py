@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 DEFAULT_LAMBDA = 1.0  # unconfirmed for FedWon; see module docstring
 DEFAULT_EPS = 1e-3
 
