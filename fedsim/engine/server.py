@@ -234,7 +234,7 @@ class FederatedRun:
         self.records = self.run.read_metrics()
         client_cfg: dict[str, Any] = {HOOKS_KEY: getattr(strategy, "client_hooks", ""), "fedsim.seed": sc.seed}
         if sc.client.agc_lambda is not None:
-            client_cfg["agc-lambda"] = sc.client.agc_lambda
+            client_cfg["fedsim.agc.lambda"] = sc.client.agc_lambda
         client_cfg.update(getattr(strategy, "client_config", {}) or {})
         last_good = start - 1
         fingerprint = scenario_fingerprint(sc)
