@@ -37,6 +37,7 @@ RULES: list[tuple[str, str]] = [
     ("python -m benchmarks", "a benchmark (minutes); tests/test_perf_benchmark.py runs its quick mode"),
     ("python benchmarks/", "a benchmark (minutes to hours) that rewrites docs"),
     ("python -c", "converts a downloaded dataset (no downloads here)"),
+    (r"PYTHONPATH=\. fedsim run my-scenario\.yaml", "needs the files of docs/extending.md's worked examples: tests/test_docs_extending.py writes them and runs this line"),
     ("FLWR_HOME=", "Flower's CLI against a SuperLink that `fedsim edge up` keeps running until Ctrl-C"),
     ("fedsim edge demo", "starts a SuperLink and SuperNode processes (minutes); tests/test_edge.py runs it (marker edge)"),
     ("fedsim edge up", "runs a SuperLink and SuperNodes until Ctrl-C"),
