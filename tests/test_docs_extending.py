@@ -84,6 +84,7 @@ def check_run(run: Path, adapters: list[str]) -> None:
         assert max(r["metrics"]["batches"] for r in mine) > 0 and max(r["metrics"]["samples"] for r in mine) >= 16
 
 
+@pytest.mark.slow  # two fedsim processes, about half a minute each under load
 def test_worked_examples_by_import_path(tmp_path: Path) -> None:
     folder = write_examples(tmp_path / "mine")
     env_words = documented_command()
@@ -96,6 +97,7 @@ def test_worked_examples_by_import_path(tmp_path: Path) -> None:
     check_run(folder / "runs" / "my-extensions", ["source", "EMABN", "ema_bn_0.5"])
 
 
+@pytest.mark.slow  # two fedsim processes, about half a minute each under load
 def test_worked_examples_by_entry_points(tmp_path: Path) -> None:
     """The documented pyproject entry points, as pip installs them (a dist-info folder with
     entry_points.txt next to the modules, on sys.path), named by their short names from a
