@@ -25,10 +25,10 @@ from fedsim.outputs import MARKER, check_out_folder, create_folder, remove_owned
 from fedsim.results import RunFolder
 from fedsim.scenario import apply_overrides, check_adaptation, check_cuda, open_model_run, read_yaml
 from fedsim.schema import ScenarioError, validation_error_line
-from fedsim.tta.config import AdaptationConfig
-from fedsim.tta.deploy import ModelRun
 from fedsim.tracking.config import TrackingConfig
 from fedsim.tracking.sinks import Trackers, build_trackers, check_tracking
+from fedsim.tta.config import AdaptationConfig
+from fedsim.tta.deploy import ModelRun
 from fedsim.tta.experiment import SUMMARY, print_table, run_adaptation
 
 
