@@ -100,7 +100,9 @@ def test_config_defaults_and_shorthands() -> None:
     gradual = AdaptationConfig.model_validate({"adapter": "tbn", "stream": {"protocol": "gradual", "corruptions": ["fog"]}})
     assert gradual.stream.shift_names() == ["fog"]
     custom = AdaptationConfig.model_validate({"adapter": {"name": "fedsim.adapters.tbn:TBN"}, "stream": {"shifts": ["clean", "fog@2"]}})
-    assert custom.adapter_specs()[0].display == "fedsim.adapters.tbn:TBN"
+    assert custom.adapter_specs()[0].display == "TBN"  # an import path is labelled by its class name
+    labelled = AdaptationConfig.model_validate({"adapters": ["tbn", {"name": "fedsim.adapters.tbn.TBN", "label": "mine"}, {"name": "fedsim.adapters.tent:Tent"}], "stream": {"shifts": ["clean"]}})
+    assert [s.display for s in labelled.adapter_specs()] == ["tbn", "mine", "Tent"]
     assert Scenario.model_validate({}).adaptation is None
 
 
