@@ -34,17 +34,17 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RULES: list[tuple[str, str]] = [
     (r"pip install", "changes the environment the tests run in (the suite runs after it)"),
     ("python -m pytest", "the test suite itself"),
-    ("python -m benchmarks", "a benchmark (minutes); tests/test_perf_benchmark.py runs its quick mode"),
+    ("python -m benchmarks", "a benchmark (minutes); tests/benchmarks/test_perf_benchmark.py runs its quick mode"),
     ("python benchmarks/", "a benchmark (minutes to hours) that rewrites docs"),
     ("python -c", "converts a downloaded dataset (no downloads here)"),
     (r"PYTHONPATH=\. fedsim run my-scenario\.yaml", "needs the files of docs/extending.md's worked examples: tests/test_docs_extending.py writes them and runs this line"),
     ("FLWR_HOME=", "Flower's CLI against a SuperLink that `fedsim edge up` keeps running until Ctrl-C"),
-    ("fedsim edge demo", "starts a SuperLink and SuperNode processes (minutes); tests/test_edge.py runs it (marker edge)"),
+    ("fedsim edge demo", "starts a SuperLink and SuperNode processes (minutes); tests/edge/test_edge.py runs it (marker edge)"),
     ("fedsim edge up", "runs a SuperLink and SuperNodes until Ctrl-C"),
     (r"fedsim adapt .* --model runs/bench-tta/source", "adapts runs/bench-tta/source, made by `python benchmarks/tta.py` (skipped above)"),
 ]
 # Run, but changed, and why: what the change removes is tested elsewhere.
-RAY_TO_INLINE = "runtime=ray runs on Flower's simulation engine on Ray (tests/test_ray_runtime.py, marker ray); here it runs inline, which checks everything else about the line (its arguments, its folders)"
+RAY_TO_INLINE = "runtime=ray runs on Flower's simulation engine on Ray (tests/engine/test_ray_runtime.py, marker ray); here it runs inline, which checks everything else about the line (its arguments, its folders)"
 
 TINY_DATA = {
     "data.dataset": "toy",

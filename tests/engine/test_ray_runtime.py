@@ -23,7 +23,7 @@ from fedsim.cli import main
 from fedsim.edge.processes import processes_with_token
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # One Ray actor (all CPUs for one client) is enough to compare with the inline runtime, and
 # keeps processes and threads few on a loaded machine.
 ONE_ACTOR = f"runtime.cpus_per_client={os.cpu_count() or 1}"

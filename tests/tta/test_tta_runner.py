@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from test_tta_common import small_bn_cnn
+from bn_models import small_bn_cnn
 from torch import nn
 
 from fedsim.adapters import build_adapter

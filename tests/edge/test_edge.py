@@ -156,7 +156,7 @@ def test_app_declared_for_flwr_run() -> None:
 
     from fedsim.registry import import_object
 
-    conf = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    conf = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert isinstance(import_object(conf["components"]["serverapp"]), ServerApp)
     assert isinstance(import_object(conf["components"]["clientapp"]), ClientApp)
     assert set(conf["config"]) == {"scenario", "run-dir", "resume"}
