@@ -4,6 +4,7 @@ command's one line, nothing is printed unless asked."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -203,3 +204,24 @@ def test_the_package_exposes_the_api_without_importing_it() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr  # `fedsim --version` stays light
+
+
+def test_flower_info_logs_are_held_back_for_the_call_only() -> None:
+    flwr = logging.getLogger("flwr")
+    seen = io.StringIO()
+    handler = logging.StreamHandler(seen)  # where a notebook would see Flower's lines
+    flwr.addHandler(handler)
+    before = (flwr.level, [h.level for h in flwr.handlers])
+    try:
+        flwr.setLevel(logging.INFO)
+        with fedsim.api._library_logs(verbose=False):
+            flwr.info("an INFO line of Flower")
+            flwr.warning("a WARNING of Flower")
+        assert "an INFO line" not in seen.getvalue() and "a WARNING of Flower" in seen.getvalue()
+        assert flwr.level == logging.INFO and handler.level == logging.NOTSET  # restored
+        with fedsim.api._library_logs(verbose=True):
+            flwr.info("a second INFO line")
+        assert "a second INFO line" in seen.getvalue()
+    finally:
+        flwr.removeHandler(handler)
+        flwr.setLevel(before[0])
