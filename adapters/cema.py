@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.adapters import ADAPTERS
-from fedsim.adapters._norm import BatchRenorm, MixedStatBatchNorm, entropy, is_batchnorm, norm_affine_parameters, replace_modules
+from fedsim.adapters._norm import (
+    BatchRenorm,
+    MixedStatBatchNorm,
+    entropy,
+    is_batchnorm,
+    norm_affine_parameters,
+    replace_modules,
+)
 from fedsim.adapters.base import CloudHalf, EdgeHalf, Payload, SplitAdapter
 
 NORMALIZATIONS = ("tbr", "batch", "source")

@@ -27,9 +27,9 @@ from fedsim.scenario import new_run
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedsim.scenario import load_scenario  # noqa: E402
 from fedsim.engine.runtimes import run_inline  # noqa: E402
 from fedsim.results import RunFolder  # noqa: E402
+from fedsim.scenario import load_scenario  # noqa: E402
 
 # (run name, scenario file suffix, overrides)
 RUNS = {

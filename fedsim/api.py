@@ -39,8 +39,15 @@ from fedsim.config import Scenario
 from fedsim.data.loading import num_clients
 from fedsim.engine.server import RunFailure
 from fedsim.outputs import check_out_folder
-from fedsim.runs import RunInterrupted, adapt_trained_run, open_new_run, open_resumed_run, prepare_adaptation, round_line, train
 from fedsim.runs import adapt as adapt_job
+from fedsim.runs import (
+    adapt_trained_run,
+    open_new_run,
+    open_resumed_run,
+    prepare_adaptation,
+    round_line,
+    train,
+)
 from fedsim.scenario import adaptation_from_raw, apply_overrides, build_scenario, read_yaml
 from fedsim.schema import ScenarioError
 from fedsim.sweep import SweepSpec, parse_seeds, parse_sweep_args, run_sweep, spec_from_saved

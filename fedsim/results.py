@@ -20,10 +20,10 @@ from typing import Any
 from fedsim import __version__
 from fedsim.arrays import atomic_write_bytes
 from fedsim.config import Scenario
-from fedsim.schema import ScenarioError
 from fedsim.engine.checkpoint import complete_rounds
 from fedsim.outputs import create_folder, ownership_problem, remove_owned
 from fedsim.runlock import LOCK_FILE, FolderLocked, lock_folder, unlock_folder
+from fedsim.schema import ScenarioError
 
 
 class MetricsError(ScenarioError):

@@ -32,8 +32,8 @@ from flwr.serverapp.strategy import Strategy
 from pydantic import ValidationError
 from torch import nn
 
-from fedsim.adapters import adapter_class, adapter_settings
 from fedsim import safe_yaml
+from fedsim.adapters import adapter_class, adapter_settings
 from fedsim.config import Scenario
 from fedsim.data.base import DATASETS, MultiDomainDataset
 from fedsim.data.loading import load_dataset, num_clients, partitions
@@ -44,13 +44,13 @@ from fedsim.models import MODELS, build_model
 from fedsim.registry import RegistryError, constructor_params
 from fedsim.results import RunFolder
 from fedsim.schema import ScenarioError, did_you_mean, fail, short_repr, short_source, validation_error_line
+from fedsim.strategies import STRATEGIES
 from fedsim.tracking.config import TrackingConfig
 from fedsim.tracking.sinks import check_tracking
 from fedsim.tta.config import CLEAN, INJECTED, AdaptationConfig
 from fedsim.tta.corruptions import CORRUPTIONS
 from fedsim.tta.deploy import ModelRun, ModelRunError
 from fedsim.tta.streams import full_dataset
-from fedsim.strategies import STRATEGIES
 
 # -- reading and overriding ----------------------------------------------------------------
 

@@ -51,8 +51,6 @@ import numpy as np
 
 from fedsim import __version__
 from fedsim.arrays import atomic_write_bytes
-from fedsim.scenario import load_scenario, parse_override
-from fedsim.schema import ScenarioError, short_repr
 from fedsim.outputs import (
     PNG_SOFTWARE,
     UnsafeOutput,
@@ -64,6 +62,8 @@ from fedsim.outputs import (
 )
 from fedsim.results import RunFolder
 from fedsim.runlock import FolderLocked, lock_folder, unlock_folder
+from fedsim.scenario import load_scenario, parse_override
+from fedsim.schema import ScenarioError, short_repr
 from fedsim.tta.experiment import SUMMARY as ADAPTATION_SUMMARY
 
 __all__ = [
@@ -233,7 +233,7 @@ def _folder_names(keys: list[tuple[tuple[str, str], ...]]) -> list[str]:
     names = [_component("_".join(f"{k}={v}" for k, v in pairs)) for pairs in keys]
     digest = [hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:8] for pairs in keys]
     out = []
-    for name, pairs, h in zip(names, keys, digest):
+    for name, _pairs, h in zip(names, keys, digest):
         if len(name) > MAX_COMPONENT or names.count(name) > 1:
             name = f"{name[:MAX_COMPONENT - 9]}~{h}"
         out.append(name)

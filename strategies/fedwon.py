@@ -29,7 +29,7 @@ _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 class FedWonClient(ClientHooks):
     """FedAvg's client; AGC before every optimizer step comes from the config's
-    ``agc-lambda``, which every fedsim client honours."""
+    ``fedsim.agc.lambda``, which every fedsim client honours."""
 
 
 @STRATEGIES.register("fedwon")
@@ -62,7 +62,7 @@ class FedWon(FedAvg):
         self.agc_eps = float(agc_eps)
         self.agc_exclude = str(agc_exclude)
         self.strict = bool(strict)
-        self.client_config = {"agc-lambda": self.agc_lambda, "agc-eps": self.agc_eps, "agc-exclude": self.agc_exclude}
+        self.client_config = {"fedsim.agc.lambda": self.agc_lambda, "fedsim.agc.eps": self.agc_eps, "fedsim.agc.exclude": self.agc_exclude}
         self._checked = False
 
     def configure_train(self, server_round, arrays, config, grid):

@@ -152,15 +152,15 @@ def test_agc_conv_units_and_vectors():
 
 def test_agc_hooks_read_config_and_compose():
     assert agc_settings({}) == (0.0, 1e-3, ())
-    assert agc_settings({"agc-lambda": 0.2, "agc-exclude": "classifier.4, x"}) == (0.2, 1e-3, ("classifier.4", "x"))
+    assert agc_settings({"fedsim.agc.lambda": 0.2, "fedsim.agc.exclude": "classifier.4, x"}) == (0.2, 1e-3, ("classifier.4", "x"))
     model = build_model("cnn-small", 4, 3, 16, "none", {"width": 8}, seed=0)
     F.cross_entropy(model(torch.rand(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3])).mul(1e4).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     ClientHooks({}).before_step(model)  # FedAvg's client: nothing clipped
     assert all(torch.equal(grads[k], p.grad) for k, p in model.named_parameters())
-    ClientHooks({"agc-lambda": 0.0}).before_step(model)  # lambda 0: off
+    ClientHooks({"fedsim.agc.lambda": 0.0}).before_step(model)  # lambda 0: off
     assert all(torch.equal(grads[k], p.grad) for k, p in model.named_parameters())
-    FedWonClient({"agc-lambda": 0.01, "agc-exclude": "classifier.4"}).before_step(model)
+    FedWonClient({"fedsim.agc.lambda": 0.01, "fedsim.agc.exclude": "classifier.4"}).before_step(model)
     for k, p in model.named_parameters():
         if k.startswith("classifier.4"):
             assert torch.equal(grads[k], p.grad)
@@ -171,7 +171,7 @@ def test_agc_hooks_read_config_and_compose():
     # any strategy's client clips when its config asks (e.g. FedBN + client.agc_lambda)
     model.zero_grad()
     F.cross_entropy(model(torch.rand(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3])).mul(1e4).backward()
-    FedBNClient({"agc-lambda": 0.01}).before_step(model)
+    FedBNClient({"fedsim.agc.lambda": 0.01}).before_step(model)
     for p in model.parameters():
         assert float((unitwise_norm(p.grad) / unitwise_norm(p.detach()).clamp_min(1e-3)).max()) <= 0.01 * (1 + 1e-5)
 
@@ -179,7 +179,7 @@ def test_agc_hooks_read_config_and_compose():
 def test_fedwon_strategy_settings_and_bn_check():
     s = FedWon(agc_lambda=0.3)
     assert s.client_hooks == "fedsim.strategies.fedwon:FedWonClient"
-    assert s.client_config["agc-lambda"] == 0.3
+    assert s.client_config["fedsim.agc.lambda"] == 0.3
     with pytest.raises(ValueError):
         FedWon(agc_lambda=-1)
     from flwr.app import ConfigRecord

@@ -169,7 +169,7 @@ def impulse_noise(x, severity=1, rng=None):
 def glass_blur(x, severity=1):
     c = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][severity - 1]
     x = np.uint8(gaussian(np.array(x) / 255.0, sigma=c[0], channel_axis=-1) * 255)
-    for i in range(c[2]):
+    for _ in range(c[2]):
         for h in range(32 - c[1], c[1], -1):
             for w in range(32 - c[1], c[1], -1):
                 dx, dy = np.random.randint(-c[1], c[1], size=(2,))

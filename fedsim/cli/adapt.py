@@ -41,7 +41,7 @@ def _phase(console: Console, out: Path, work: Any) -> tuple[int, Any]:
     except RunFailure as exc:  # one line, like fedsim run
         print(f"error: {exc}", file=sys.stderr)
         if os.environ.get("FEDSIM_DEBUG") and exc.__cause__ is not None:
-            raise exc.__cause__
+            raise exc.__cause__ from exc  # FEDSIM_DEBUG: the traceback of the cause
         return EXIT_FAILURE, None
     summary = getattr(result, "summary", result)
     print_table(console, summary)

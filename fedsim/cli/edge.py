@@ -48,6 +48,7 @@ from fedsim.results import RunFolder
 from fedsim.scenario import load_scenario, open_run
 from fedsim.schema import ScenarioError
 from fedsim.tta.experiment import SUMMARY, print_table
+
 APP_PYPROJECT = """[build-system]
 requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"

@@ -99,7 +99,7 @@ def _cmd_run(args: argparse.Namespace, held: list[OpenRun]) -> int:
     except RunFailure as exc:
         error(exc)
         if os.environ.get("FEDSIM_DEBUG") and exc.__cause__ is not None:
-            raise exc.__cause__
+            raise exc.__cause__ from exc  # FEDSIM_DEBUG: the traceback of the cause
         return EXIT_FAILURE
     except RunInterrupted as exc:
         print(exc, file=sys.stderr)

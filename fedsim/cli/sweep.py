@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedsim.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, console as make_console, error
+from fedsim.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, error
+from fedsim.cli.common import console as make_console
 from fedsim.cli.main import main
 from fedsim.schema import ScenarioError
 from fedsim.sweep import SweepInterrupted, parse_seeds, parse_sweep_args, run_sweep, spec_from_saved

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from fedsim.schema import Section, check_path_text
 
+
 class DataConfig(Section):
     """Dataset and partition of it into clients.
 

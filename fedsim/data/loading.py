@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedsim.data.config import DataConfig
 from fedsim.data.base import DATASETS, MultiDomainDataset
+from fedsim.data.config import DataConfig
 from fedsim.data.partition import ClientPartition, make_partitions
+
+
 @functools.lru_cache(maxsize=4)
 def _load_cached(cfg_json: str) -> MultiDomainDataset:
     cfg = DataConfig.model_validate_json(cfg_json)

@@ -37,6 +37,7 @@ from fedsim.results import RunFolder, plot_accuracy, summarize
 from fedsim.scenario import load_scenario, new_run, open_model_run, open_run
 from fedsim.schema import ScenarioError
 from fedsim.tta.experiment import run_adaptation
+
 SCENARIO_KEY = "fedsim.scenario"
 PROGRESS = "progress.jsonl"
 

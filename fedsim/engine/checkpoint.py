@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord
 
 from fedsim.arrays import NamedArrays, atomic_write_bytes, load_arrays, numpy_to_record, record_to_numpy, save_arrays
 from fedsim.config import Scenario
+
 KEEP = 2  # checkpoints kept on disk: the newest, and one to fall back to if it is damaged
 MANIFEST = "manifest.json"
 FILES = ("global.safetensors", "strategy.safetensors", "meta.json")

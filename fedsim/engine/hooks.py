@@ -66,7 +66,7 @@ class ClientHooks:
 
     def before_step(self, model: nn.Module) -> None:
         """After backward, before the optimizer step. Applies adaptive gradient clipping
-        when the config has ``agc-lambda`` > 0 (any strategy: ``client.agc_lambda``)."""
+        when the config has ``fedsim.agc.lambda`` > 0 (any strategy: ``client.agc_lambda``)."""
         lam, eps, exclude = agc_settings(self.config)
         if lam > 0:
             clip_model_(model, lam, eps, exclude)

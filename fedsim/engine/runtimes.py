@@ -16,6 +16,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsim.engine.client import make_client_app
 from fedsim.engine.grid import InlineGrid, StoppableGrid
 from fedsim.engine.server import FederatedRun
+
+
 def node_config(partition_id: int, num_partitions: int) -> dict[str, int]:
     return {"partition-id": partition_id, "num-partitions": num_partitions}
 

@@ -24,7 +24,6 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.arrays import all_finite, numpy_to_record, record_to_numpy
 from fedsim.config import Scenario
-from fedsim.schema import ScenarioError
 from fedsim.data.loading import load_dataset, num_clients
 from fedsim.engine.checkpoint import (
     Checkpoint,
@@ -41,6 +40,7 @@ from fedsim.engine.grid import PartitionGrid, Traffic
 from fedsim.engine.hooks import HOOKS_KEY
 from fedsim.models import build_model
 from fedsim.results import RunFolder
+from fedsim.schema import ScenarioError
 
 
 class RunFailure(RuntimeError):
@@ -234,7 +234,7 @@ class FederatedRun:
         self.records = self.run.read_metrics()
         client_cfg: dict[str, Any] = {HOOKS_KEY: getattr(strategy, "client_hooks", ""), "fedsim.seed": sc.seed}
         if sc.client.agc_lambda is not None:
-            client_cfg["agc-lambda"] = sc.client.agc_lambda
+            client_cfg["fedsim.agc.lambda"] = sc.client.agc_lambda
         client_cfg.update(getattr(strategy, "client_config", {}) or {})
         last_good = start - 1
         fingerprint = scenario_fingerprint(sc)

@@ -24,9 +24,9 @@ from fedsim.strategies.fedtiny.sparsity import (
 
 log = logging.getLogger(__name__)
 
-GROW_KEY = "fedtiny-grow"  # train config: JSON {layer: k} of top-k inactive gradients to keep
-UPLINK_IDX_KEY = "fedtiny-uplink-indices"
-SEL_SAMPLES_KEY = "fedtiny-selection-samples"
+GROW_KEY = "fedtiny.grow"  # train config: JSON {layer: k} of top-k inactive gradients to keep
+UPLINK_IDX_KEY = "fedtiny.uplink_indices"
+SEL_SAMPLES_KEY = "fedtiny.selection_samples"
 GVAL, GIDX = "::gv", "::gi"
 BN_STATS = ("running_mean", "running_var")
 
