@@ -201,3 +201,39 @@ def test_existing_cluster_private_join_and_crash(ray_head, tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"runtime ray (Ray at {ray_head['address']})" in errors[0], err[-3000:]
     assert cluster <= set(processes_with_token(os.environ[TEST_TOKEN_ENV], env=TEST_TOKEN_ENV)), "the cluster must survive its clients"
+
+
+# -- Flower's supported simulation path: flower-superlink --simulation + flwr run ----------
+def test_fedsim_app_on_flowers_simulation_runtime_matches_inline(toy_yaml, tmp_path):
+    """fedsim's Flower app (pyproject's [tool.flwr.app] components) submitted with
+    ``flwr run`` to ``flower-superlink --simulation`` (README, "Which Flower entry point";
+    docs/edge.md): Flower's simulated SuperNodes give the inline runtime's metrics, the run
+    installs no dependencies, and no process outlives the SuperLink."""
+    from fedsim.config import load_scenario
+    from fedsim.edge.command import write_app
+    from fedsim.edge.processes import CONNECTION, LocalDeployment
+
+    assert main(["run", str(toy_yaml), "runtime.num_threads=1", "--out", str(tmp_path / "inline")]) == 0
+    clients = load_scenario(str(toy_yaml)).num_clients
+    run_dir = (tmp_path / "flower").resolve()
+    with LocalDeployment(workdir=tmp_path / "link", num_nodes=clients, state_dir=run_dir, simulation=True) as link:
+        link.start()
+        run_id = link.submit(
+            write_app(tmp_path / "app"),
+            {"scenario": str(toy_yaml.resolve()), "run-dir": str(run_dir)},
+            {"num-supernodes": clients, "client-resources-num-cpus": os.cpu_count() or 1},
+        )
+        deadline, status = time.monotonic() + 300, ""
+        while time.monotonic() < deadline and not status.startswith("finished"):
+            time.sleep(2)
+            status = link.run_status(run_id)
+        logs = link.flwr("log", str(run_id), CONNECTION, "--show", timeout_s=60).stdout
+        assert status == "finished:completed", logs[-3000:]
+        assert f"({clients} simulated SuperNodes)" in logs  # Flower's own log of this run, federation config honoured
+        assert "Installing application dependencies" not in logs and "uv sync" not in logs
+    a, b = metrics(tmp_path / "inline"), metrics(run_dir)
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert ra["bytes_up"] == rb["bytes_up"] and ra["bytes_down"] == rb["bytes_down"]
+        assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=1e-6)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)

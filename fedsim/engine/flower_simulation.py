@@ -4,7 +4,7 @@ Recent Flower (1.42 here) marks ``flwr.simulation.run_simulation`` deprecated in
 against a SuperLink started with ``flower-superlink --simulation``. That path runs the very
 same engine (its ``flwr-simulation`` process calls the function ``run_simulation`` wraps),
 but as three extra processes fed through a FAB and a ``SimulationConfig`` that cannot carry
-what fedsim's ray runtime guarantees (docs/runtimes.md, "Why not ``flwr run``", has the
+what fedsim's ray runtime guarantees (README.md, "Which Flower entry point", has the
 measurements): fractional ``cpus_per_client`` (the config's CPU count is an integer), the
 Ray actor options that restart a dead client actor (:data:`ACTOR_RETRIES` in
 :mod:`fedsim.engine.runtimes`), joining a given cluster or a private Ray despite a
