@@ -6,22 +6,25 @@ unknown setting is a ``TypeError`` naming it).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
 
-from fedsim.registry import Registry
+from fedsim.adapters.base import Adapter, SplitAdapter, adapter_settings
+from fedsim.registry import Registry, RegistryError
 
-ADAPTERS: Registry = Registry("adapter", "adapters")
-
-from adapters.base import Adapter  # noqa: E402  (base needs no registry)
+ADAPTERS: Registry = Registry("adapter", "fedsim.adapters")
 
 
-def adapter_settings(cls: type[Adapter]) -> dict[str, Any]:
-    """An adapter class's settings and their defaults (``inspect.Parameter.empty`` if required)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {n: p.default for n, p in params.items() if n not in ("self", "model") and p.kind is p.KEYWORD_ONLY}
+def adapter_class(name: str) -> type[Adapter]:
+    """The Adapter class of a registered name or import path; ValueError (one line) if it is none."""
+    try:
+        cls = ADAPTERS.get(name)
+    except RegistryError as exc:
+        raise ValueError(str(exc)) from None
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        raise ValueError(f"'{name}' is not a subclass of fedsim.adapters.base.Adapter")
+    return cls
 
 
 def build_adapter(name: str, model: nn.Module, **settings: Any) -> Adapter:
@@ -36,4 +39,4 @@ def build_adapter(name: str, model: nn.Module, **settings: Any) -> Adapter:
     return cls(model, **settings)
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_settings", "build_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "SplitAdapter", "adapter_class", "adapter_settings", "build_adapter"]

@@ -182,7 +182,9 @@ class BatchRenorm(AdaptiveNorm):
                 self.running_var.copy_(batch_var)
                 self.initialized.fill_(True)
         if torch.is_grad_enabled():
-            view = lambda t: _channel_view(t, x.ndim)
+            def view(t: torch.Tensor) -> torch.Tensor:
+                return _channel_view(t, x.ndim)
+
             batch_std = torch.sqrt(batch_var + self.eps)
             running_std = torch.sqrt(self.running_var + self.eps)
             r = batch_std.detach() / running_std

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters import ADAPTERS
-from adapters._norm import MixedStatBatchNorm, is_batchnorm, replace_modules
-from adapters.base import Adapter
+from fedsim.adapters import ADAPTERS
+from fedsim.adapters._norm import MixedStatBatchNorm, is_batchnorm, replace_modules
+from fedsim.adapters.base import Adapter
 
 
 @ADAPTERS.register("alpha_bn")

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+
+def adapter_settings(cls: type) -> dict[str, Any]:
+    """An adapter class's settings and their defaults (``inspect.Parameter.empty`` if required):
+    the keyword-only parameters of its constructor."""
+    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    return {n: p.default for n, p in params.items() if n not in ("self", "model") and p.kind is p.KEYWORD_ONLY}
 
 
 class Adapter:
@@ -80,8 +88,6 @@ class Adapter:
 
     def describe(self) -> dict[str, Any]:
         """Name, needs_grad, changes and settings, for a run's record."""
-        from adapters import adapter_settings
-
         settings = {k: getattr(self, k) for k in adapter_settings(type(self)) if hasattr(self, k)}
         settings = {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool, type(None)))}
         return {"name": self.name, "needs_grad": self.needs_grad, "changes": self.changes, "settings": settings}

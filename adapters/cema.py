@@ -11,9 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters import ADAPTERS
-from adapters._norm import BatchRenorm, MixedStatBatchNorm, entropy, is_batchnorm, norm_affine_parameters, replace_modules
-from adapters.base import CloudHalf, EdgeHalf, Payload, SplitAdapter
+from fedsim.adapters import ADAPTERS
+from fedsim.adapters._norm import (
+    BatchRenorm,
+    MixedStatBatchNorm,
+    entropy,
+    is_batchnorm,
+    norm_affine_parameters,
+    replace_modules,
+)
+from fedsim.adapters.base import CloudHalf, EdgeHalf, Payload, SplitAdapter
 
 NORMALIZATIONS = ("tbr", "batch", "source")
 OPTIMIZERS = ("sgd", "adam")
@@ -29,7 +36,7 @@ class CEMA(SplitAdapter):
     value, and the variant fedsim ran before is reachable by settings (end of this docstring).
 
     Normalization (``normalization``, official ``is_tbr: true`` -> ``"tbr"``): every BatchNorm
-    of the edge model, its cloud copy and the foundation becomes :class:`~adapters._norm.BatchRenorm`:
+    of the edge model, its cloud copy and the foundation becomes :class:`~fedsim.adapters._norm.BatchRenorm`:
     forward with running statistics set from the first batch the layer sees and moved
     (momentum 0.1) only while the model trains in the cloud. The edge's first batch sets the
     edge model's statistics; the edge uploads them once (float32) so the cloud copy starts

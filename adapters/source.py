@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from adapters import ADAPTERS
-from adapters.base import Adapter
+from fedsim.adapters import ADAPTERS
+from fedsim.adapters.base import Adapter
 
 
 @ADAPTERS.register("source")

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from adapters import ADAPTERS
-from adapters._norm import NORM_TYPES, AdaptiveNorm, MixedStatBatchNorm, entropy, is_batchnorm, replace_modules
-from adapters.base import Adapter
+from fedsim.adapters import ADAPTERS
+from fedsim.adapters._norm import NORM_TYPES, AdaptiveNorm, MixedStatBatchNorm, entropy, is_batchnorm, replace_modules
+from fedsim.adapters.base import Adapter
 
 NORM_LAYERS: tuple[str, ...] = ("bn2d", "all_bn", "all_norm")
 """Which normalization layers' affine parameters an entropy step trains: ``bn2d`` (BatchNorm2d

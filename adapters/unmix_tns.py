@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from adapters import ADAPTERS
-from adapters._norm import AdaptiveNorm, MixedStatBatchNorm, is_batchnorm, replace_modules
-from adapters.base import Adapter
-from adapters.tent import NORM_LAYERS, adapted_affine_parameters, batchnorm2d_names, entropy_step
+from fedsim.adapters import ADAPTERS
+from fedsim.adapters._norm import AdaptiveNorm, MixedStatBatchNorm, is_batchnorm, replace_modules
+from fedsim.adapters.base import Adapter
+from fedsim.adapters.tent import NORM_LAYERS, adapted_affine_parameters, batchnorm2d_names, entropy_step
 
 
 class UnMixBatchNorm2d(AdaptiveNorm):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.config import Scenario
-from fedsim.data.loading import ClientDataCache
+from fedsim.data.loading import ClientDataCache, num_clients
 from fedsim.models import build_model
 
 
@@ -102,7 +102,7 @@ def bare_run(sc: Scenario) -> dict[str, Any]:
     device = torch.device("cuda" if sc.device == "cuda" or (sc.device == "auto" and torch.cuda.is_available()) else "cpu")
     cache = ClientDataCache(sc.data, sc.seed)
     ds = cache.dataset
-    n_clients = sc.num_clients
+    n_clients = num_clients(sc.data)
     m = sc.model
     model = build_model(m.name, ds.num_classes, ds.channels, ds.image_size, m.normalization, m.args, seed=sc.seed).to(device)
     global_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -14,14 +14,21 @@ import os
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from benchmarks._perf_bare import client_seed, local_train, score
 from fedsim.config import Scenario
-from fedsim.data.loading import ClientDataCache
+from fedsim.data.loading import ClientDataCache, num_clients
 from fedsim.engine.runtimes import ray_init_args
 from fedsim.models import build_model
 
@@ -82,7 +89,7 @@ def make_apps(sc: Scenario) -> tuple[ServerApp, ClientApp]:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         _, cache, model, _ = _setup(scenario_json)
-        n = sc.num_clients
+        n = num_clients(sc.data)
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=sc.rounds, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
 
@@ -100,6 +107,6 @@ def run_flower(sc: Scenario) -> None:
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=sc.num_clients,
+        num_supernodes=num_clients(sc.data),
         backend_config={"client_resources": {"num_cpus": rt.cpus_per_client, "num_gpus": rt.gpus_per_client}, "init_args": init_args},
     )

@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.data.loading import num_clients
+from fedsim.scenario import new_run
+
 TAG = "PERF_RESULT "
 
 
@@ -29,8 +32,7 @@ def emit(result: dict[str, Any]) -> None:
 
 
 def scenario(args: dict[str, Any]):
-    from fedsim.config import load_scenario
-
+    from fedsim.scenario import load_scenario
     return load_scenario(args.get("scenario", "scenarios/multidomain.yaml"), list(args.get("overrides", [])))
 
 
@@ -72,7 +74,7 @@ def fedsim_run(args: dict[str, Any]) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="fedsim-perf-") as tmp:
             run = RunFolder.create(Path(tmp) / "run", sc, overwrite=True)
-            experiment = server.FederatedRun(sc, run)
+            experiment = new_run(sc, run)
             t0 = time.perf_counter()
             RUNTIMES[sc.runtime.name](experiment)
             work = time.perf_counter() - t0
@@ -91,7 +93,7 @@ def fedsim_run(args: dict[str, Any]) -> dict[str, Any]:
         "round_s": rounds,
         "num_sampled": [r.get("strategy_metrics", {}).get("num_sampled") for r in records],
         "clients_with_state": len(state_clients),
-        "num_clients": sc.num_clients,
+        "num_clients": num_clients(sc.data),
     }
 
 
@@ -124,10 +126,10 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from adapters.alpha_bn import AlphaBN
-    from adapters.cema import CEMA
-    from adapters.tbn import TBN
-    from adapters.unmix_tns import UnMixTNS
+    from fedsim.adapters.alpha_bn import AlphaBN
+    from fedsim.adapters.cema import CEMA
+    from fedsim.adapters.tbn import TBN
+    from fedsim.adapters.unmix_tns import UnMixTNS
     from fedsim.config import DataConfig
     from fedsim.data.loading import load_dataset, to_tensor
     from fedsim.models import build_model

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsim.scenario import new_run
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedsim.config import load_scenario  # noqa: E402
 from fedsim.engine.runtimes import run_inline  # noqa: E402
-from fedsim.engine.server import FederatedRun  # noqa: E402
 from fedsim.results import RunFolder  # noqa: E402
+from fedsim.scenario import load_scenario  # noqa: E402
 
 # (run name, scenario file suffix, overrides)
 RUNS = {
@@ -60,7 +61,7 @@ def run_one(name: str, seed: int, rounds: int | None, out: Path) -> list[dict]:
         overrides.append(f"rounds={rounds}")
     sc = load_scenario(ROOT / "scenarios" / f"compressed-{scenario}.yaml", overrides)
     folder = RunFolder.create(out / name / f"seed{seed}", sc, overwrite=True)
-    run_inline(FederatedRun(sc, folder))
+    run_inline(new_run(sc, folder))
     return folder.read_metrics()
 
 

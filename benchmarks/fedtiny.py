@@ -28,7 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.fedwon import DOMAIN_ORDER, RESULTS, hardware, mb, pm, run_scenario, write_section  # noqa: E402
+from benchmarks.fedwon import (  # noqa: E402
+    DOMAIN_ORDER,
+    RESULTS,
+    hardware,
+    mb,
+    pm,
+    run_scenario,
+    write_section,
+)
 
 FRAC = "{fraction_train: 0.5, fraction_evaluate: 0.5}"
 

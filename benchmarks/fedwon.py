@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from fedsim.scenario import new_run
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -69,17 +71,16 @@ def hardware() -> str:
 
 def run_scenario(path: str, overrides: list[str], out: Path) -> tuple[list[dict[str, Any]], float]:
     """One run, in this process, on the inline runtime; returns (metrics records, seconds)."""
-    from fedsim.cli import _quiet_libraries
-    from fedsim.config import load_scenario
+    from fedsim.cli.common import quiet_libraries as _quiet_libraries
     from fedsim.engine.runtimes import run_inline
-    from fedsim.engine.server import FederatedRun
     from fedsim.results import RunFolder
+    from fedsim.scenario import load_scenario
 
     scenario = load_scenario(ROOT / path, overrides)
     run = RunFolder.create(out, scenario, overwrite=True)
     _quiet_libraries()
     t0 = time.perf_counter()
-    run_inline(FederatedRun(scenario, run))
+    run_inline(new_run(scenario, run))
     return run.read_metrics(), time.perf_counter() - t0
 
 

@@ -115,8 +115,8 @@ def verdict(ok: bool) -> str:
 
 def prepare_data(overrides_sets: list[list[str]]) -> None:
     """Build (or read) the digits5 caches every target uses, outside any timing."""
-    from fedsim.config import load_scenario
     from fedsim.data.loading import load_dataset
+    from fedsim.scenario import load_scenario
 
     for ov in overrides_sets:
         load_dataset(load_scenario(str(ROOT / "scenarios/multidomain.yaml"), ov).data)

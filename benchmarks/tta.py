@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from fedsim.scenario import open_run
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -58,10 +60,9 @@ SAMPLES_PER_SHIFT = 200
 def _opens(run: Path) -> bool:
     """Whether a saved run still opens under the current scenario schema."""
     from fedsim.config import ScenarioError
-    from fedsim.results import RunFolder
 
     try:
-        RunFolder.open(run)
+        open_run(run)
     except ScenarioError:
         return False
     return True
@@ -69,9 +70,8 @@ def _opens(run: Path) -> bool:
 
 def train_source(work: Path) -> Path:
     from fedsim.cli import main
-    from fedsim.engine.checkpoint import load_latest
-
     from fedsim.data.loaders.digits5 import BUILDER_VERSION
+    from fedsim.engine.checkpoint import load_latest
 
     out = work / "source"
     stamp = work / "data_version.txt"
@@ -100,7 +100,6 @@ def train_source(work: Path) -> Path:
 def adapt(model_run: Any, work: Path, name: str, adaptation: dict[str, Any]) -> dict[str, Any]:
     from fedsim.tta.config import AdaptationConfig
     from fedsim.tta.experiment import run_adaptation
-
     cfg = AdaptationConfig.model_validate(adaptation)
     done = work / name / "adaptation_summary.json"
     if done.is_file():  # an earlier (interrupted) benchmark already ran this exact experiment
@@ -123,13 +122,11 @@ def cell(r: dict[str, Any]) -> str:
 
 
 def run(work: Path, seeds: list[int], parts: str = "ABC") -> dict[str, Any]:
-    from fedsim.tta.deploy import open_model_run
-
+    from fedsim.scenario import open_model_run
     t0 = time.perf_counter()
     model_run = open_model_run(train_source(work))
     train_summary = json.loads((model_run.path / "summary.json").read_text())
     from fedsim.tta.deploy import deploy_model
-
     edge_params = sum(p.numel() for p in deploy_model(model_run, EDGES[0], "global")[0].parameters())
     from fedsim.data.loaders.digits5 import BUILDER_VERSION
 

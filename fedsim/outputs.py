@@ -1,7 +1,8 @@
 """What fedsim created, and therefore the only things it replaces or deletes.
 
-A folder fedsim creates (a run folder, an adaptation output folder, a certificate folder)
-gets a marker file, ``.fedsim`` (JSON: kind, fedsim version), the moment it is created.
+A folder fedsim creates (a run folder, an adaptation output folder, a certificate folder, a
+sweep folder) gets a marker file, ``.fedsim`` (JSON: kind, fedsim version), the moment it is
+created.
 ``--overwrite`` and the cleanup after a failed start remove or replace a folder only when
 
 - it is not the working directory or one of its parents (nor a file, nor a link),
@@ -9,7 +10,8 @@ gets a marker file, ``.fedsim`` (JSON: kind, fedsim version), the moment it is c
   written before the marker existed, it holds the kind's signature files (a run folder:
   ``scenario.yaml`` plus ``metrics.jsonl`` or ``checkpoints/``; an adaptation folder:
   ``adaptation.yaml`` plus ``adaptation.jsonl`` or ``adaptation_summary.json``),
-- every entry in it is a known fedsim artefact of that kind (one foreign file and it stays).
+- every entry in it is a known fedsim artefact of that kind (one foreign file and it stays;
+  a sweep folder's entries besides its own files must each be a fedsim run folder).
 
 A replaced folder is first renamed to a hidden sibling and only then deleted, so a crash in
 between leaves it whole. Single files fedsim writes where the user points (the report's
@@ -25,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from fedsim import __version__
-from fedsim.config import ScenarioError
+from fedsim.schema import ScenarioError, short_source
 
 MARKER = ".fedsim"
 PNG_SOFTWARE = f"fedsim {__version__}"  # PNG metadata of every plot fedsim writes
@@ -38,9 +40,10 @@ RUN_ENTRIES = frozenset({
     "foundation", "edge", ".lock", *ADAPTATION_ENTRIES,
 })
 CERT_ENTRIES = frozenset({"ca.crt", "server.pem", "server.key"})
+SWEEP_ENTRIES = frozenset({"sweep.json", "sweep.md", "sweep.png", ".lock"})  # plus one run folder per point
 CERT_CA_NAME = "fedsim demo CA"  # common name of the CA fedsim edge certs issues
 
-ENTRIES = {"run": RUN_ENTRIES, "adaptation": ADAPTATION_ENTRIES, "certs": CERT_ENTRIES}
+ENTRIES = {"run": RUN_ENTRIES, "adaptation": ADAPTATION_ENTRIES, "certs": CERT_ENTRIES, "sweep": SWEEP_ENTRIES}
 LEGACY = {  # (always present, one of these) in folders written before the marker existed
     "run": ("scenario.yaml", ("metrics.jsonl", "checkpoints")),
     "adaptation": ("adaptation.yaml", ("adaptation.jsonl", "adaptation_summary.json")),
@@ -112,12 +115,14 @@ def ownership_problem(folder: Path, kind: str) -> str | None:
         if kind == "certs":
             if not _fedsim_ca(folder):
                 return "its ca.crt was not issued by fedsim edge certs"
+        elif kind not in LEGACY:  # a kind that always had the marker
+            return f"it has no {MARKER} marker"
         else:
             always, one_of = LEGACY[kind]
             if always not in names or not any(n in names for n in one_of):
                 return f"it has no {MARKER} marker and is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} folder fedsim wrote"
     allowed = ENTRIES[kind]
-    foreign = sorted(n for n in names if n != MARKER and n not in allowed and not _is_temp(n) and not (kind == "run" and n.startswith("adapt-")))
+    foreign = sorted(n for n in names if n != MARKER and n not in allowed and not _is_temp(n) and not (kind == "run" and n.startswith("adapt-")) and not (kind == "sweep" and ownership_problem(folder / n, "run") is None))
     if foreign:
         return f"it holds files fedsim did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
     if kind == "run":  # adaptation outputs kept inside a run folder must be fedsim's too
@@ -185,3 +190,27 @@ def check_file_target(path: Path, overwrite: bool, owned: bool | None = None) ->
         raise UnsafeOutput(f"{path}: exists; pass --overwrite to replace it or --out to choose another path")
     if not (png_written_by_fedsim(path) if owned is None else owned):
         raise UnsafeOutput(f"{path}: not replaced: fedsim did not write it; move it away yourself or choose another --out")
+
+
+def check_out_folder(out: str | Path, option: str = "--out") -> None:
+    """The folder a command will create or fill: not a file, not under a file, and in a
+    writable place. Checked before anything is created."""
+    shown = short_source(str(out))
+    if "\0" in str(out):
+        raise ScenarioError(f"{option} {shown}: a path must not contain a NUL byte")
+    path = Path(out)
+    try:
+        if path.exists() and not path.is_dir():
+            raise ScenarioError(f"{option} {shown}: is a file, not a folder")
+        existing = path
+        while not existing.exists():
+            if existing.is_symlink():  # a dangling link: mkdir would fail on it
+                raise ScenarioError(f"{option} {shown}: {existing} is a broken symbolic link")
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ScenarioError(f"{option} {shown}: {existing} is a file, so no folder can be made under it")
+        readonly = bool(os.statvfs(existing).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+        if readonly or not os.access(existing, os.W_OK | os.X_OK):
+            raise ScenarioError(f"{option} {shown}: {existing} is not writable")
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ScenarioError(f"{option} {shown}: {exc.strerror or exc}") from None

@@ -8,6 +8,8 @@ wrote in a scenario (never anything read from a checkpoint).
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import pkgutil
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -19,14 +21,35 @@ class RegistryError(LookupError):
     """A name or import path that does not resolve."""
 
 
+MOVED_PACKAGES = {"strategies": "fedsim.strategies", "adapters": "fedsim.adapters"}
+"""Top-level import names of earlier fedsim versions and where those packages are now."""
+
+
+def _current_module(module_name: str) -> str:
+    """``strategies.x`` -> ``fedsim.strategies.x`` where fedsim has that module (scenarios
+    written for earlier versions keep working); any other name is left as it is."""
+    top, _, rest = module_name.partition(".")
+    if top not in MOVED_PACKAGES:
+        return module_name
+    moved = MOVED_PACKAGES[top] + (f".{rest}" if rest else "")
+    try:
+        found = importlib.util.find_spec(moved) is not None
+    except ImportError:
+        found = False
+    return moved if found else module_name
+
+
 def import_object(path: str) -> object:
-    """Import ``package.module:Attribute`` (or ``package.module.Attribute``)."""
+    """Import ``package.module:Attribute`` (or ``package.module.Attribute``). Paths into
+    fedsim's former top-level packages (``strategies.fedwon:FedWon``) resolve to
+    ``fedsim.strategies`` / ``fedsim.adapters``."""
     if ":" in path:
         module_name, _, attr = path.partition(":")
     else:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
         raise RegistryError(f"'{path}' is not an import path of the form package.module:Name")
+    module_name = _current_module(module_name)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -87,3 +110,17 @@ class Registry(Generic[T]):
             return import_object(name)  # type: ignore[return-value]
         known = ", ".join(self.names()) or "none"
         raise RegistryError(f"unknown {self.kind} '{name}' (known: {known}; or give package.module:Name)")
+
+
+def constructor_params(cls: type) -> tuple[set[str], bool]:
+    """Keyword names a class's constructor accepts, following ``**kwargs`` up the MRO;
+    and whether it accepts any keyword (a ``**kwargs`` all the way up)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names.update(n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self")
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return names, False
+    return names, True

@@ -57,8 +57,10 @@ def compare_runs(paths: list[Path], plot_path: Path) -> tuple[list[dict[str, Any
     for name, rounds, acc, up in curves:
         a1.plot(rounds, acc, label=name)
         a2.plot([u / 1e6 for u in up], acc, label=name)
-    a1.set_xlabel("round"); a1.set_ylabel("mean accuracy"); a1.grid(alpha=0.3)
-    a2.set_xlabel("cumulative MB up"); a2.set_ylabel("mean accuracy"); a2.grid(alpha=0.3)
+    for ax, xlabel in ((a1, "round"), (a2, "cumulative MB up")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mean accuracy")
+        ax.grid(alpha=0.3)
     a1.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(plot_path, dpi=110, metadata={"Software": PNG_SOFTWARE})

@@ -17,11 +17,13 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from fedsim import __version__
 from fedsim.arrays import atomic_write_bytes
-from fedsim.config import Scenario, ScenarioError, build_scenario, read_yaml, scenario_to_yaml
+from fedsim.config import Scenario
 from fedsim.engine.checkpoint import complete_rounds
 from fedsim.outputs import create_folder, ownership_problem, remove_owned
 from fedsim.runlock import LOCK_FILE, FolderLocked, lock_folder, unlock_folder
+from fedsim.schema import ScenarioError
 
 
 class MetricsError(ScenarioError):
@@ -56,7 +58,7 @@ class RunFolder:
                 held = False
             if not held:
                 run.lock()
-            atomic_write_bytes(run.scenario_file, scenario_to_yaml(scenario).encode())
+            atomic_write_bytes(run.scenario_file, scenario.to_yaml().encode())
         except BaseException:
             run.unlock()
             raise
@@ -73,21 +75,6 @@ class RunFolder:
             return False
         remove_owned(self.path, "run")
         return True
-
-    @classmethod
-    def open(cls, path: str | Path, lock: bool = False) -> tuple[RunFolder, Scenario]:
-        """The run folder and its scenario.yaml, validated; ``lock``: for writing (taken
-        first, so a folder another process writes is refused before any other work)."""
-        run = cls(path)
-        if not run.scenario_file.exists():
-            raise ScenarioError(f"{run.path}: not a fedsim run folder (no scenario.yaml)")
-        if lock:
-            run.lock()
-        try:
-            return run, build_scenario(read_yaml(run.scenario_file), str(run.scenario_file))
-        except BaseException:
-            run.unlock()
-            raise
 
     # lock ------------------------------------------------------------------------------
     def lock(self) -> None:
@@ -172,8 +159,6 @@ def environment_info() -> dict[str, Any]:
         info["ray"] = importlib.metadata.version("ray")
     except importlib.metadata.PackageNotFoundError:
         pass
-    from fedsim import __version__
-
     info["fedsim"] = __version__
     return info
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from strategies import STRATEGIES
+from fedsim.strategies import STRATEGIES
 
 
 @STRATEGIES.register("fedavg")

@@ -7,8 +7,8 @@ from torch import nn
 
 from fedsim.engine.hooks import ClientHooks
 from fedsim.models import norm_state_keys
-from strategies import STRATEGIES
-from strategies.fedavg import FedAvg
+from fedsim.strategies import STRATEGIES
+from fedsim.strategies.fedavg import FedAvg
 
 
 class FedBNClient(ClientHooks):
@@ -29,7 +29,7 @@ class FedBN(FedAvg):
     normalization, which is what evaluation measures.
     """
 
-    client_hooks = "strategies.fedbn:FedBNClient"
+    client_hooks = "fedsim.strategies.fedbn:FedBNClient"
 
     def configure_train(self, server_round, arrays, config, grid):
         self._current = arrays

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 
+from fedsim.config import Scenario
 from fedsim.engine.agc import DEFAULT_EPS, DEFAULT_LAMBDA
 from fedsim.engine.hooks import ClientHooks, hooks_path
-from strategies import STRATEGIES
-from strategies.fedavg import FedAvg
+from fedsim.strategies import STRATEGIES
+from fedsim.strategies.fedavg import FedAvg
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 class FedWonClient(ClientHooks):
     """FedAvg's client; AGC before every optimizer step comes from the config's
-    ``agc-lambda``, which every fedsim client honours."""
+    ``fedsim.agc.lambda``, which every fedsim client honours."""
 
 
 @STRATEGIES.register("fedwon")
@@ -45,6 +46,12 @@ class FedWon(FedAvg):
 
     client_hooks = hooks_path(FedWonClient)
 
+    @classmethod
+    def check_scenario(cls, scenario: Scenario) -> None:
+        """FedWon trains a normalization-free model (checked when the scenario is loaded)."""
+        if scenario.model.normalization != "none":
+            raise ValueError(f"model.normalization: FedWon needs a normalization-free model: set model.normalization: none (got {scenario.model.normalization})")
+
     def __init__(self, agc_lambda: float = DEFAULT_LAMBDA, agc_eps: float = DEFAULT_EPS, agc_exclude: str = "", strict: bool = False, **kwargs) -> None:
         if agc_lambda < 0:
             raise ValueError(f"agc_lambda must be >= 0 (got {agc_lambda})")
@@ -55,7 +62,7 @@ class FedWon(FedAvg):
         self.agc_eps = float(agc_eps)
         self.agc_exclude = str(agc_exclude)
         self.strict = bool(strict)
-        self.client_config = {"agc-lambda": self.agc_lambda, "agc-eps": self.agc_eps, "agc-exclude": self.agc_exclude}
+        self.client_config = {"fedsim.agc.lambda": self.agc_lambda, "fedsim.agc.eps": self.agc_eps, "fedsim.agc.exclude": self.agc_exclude}
         self._checked = False
 
     def configure_train(self, server_round, arrays, config, grid):

@@ -10,8 +10,8 @@ is the gain of those modules.
 
 from __future__ import annotations
 
-from strategies import STRATEGIES
-from strategies.fedtiny import FedTiny
+from fedsim.strategies import STRATEGIES
+from fedsim.strategies.fedtiny import FedTiny
 
 
 @STRATEGIES.register("magprune")

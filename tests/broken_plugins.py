@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import FedAvg
 
 
 class RaisingStrategy(FedAvg):

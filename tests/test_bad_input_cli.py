@@ -15,7 +15,7 @@ import torch
 from conftest import write_scenario
 
 from fedsim.cli import main
-from fedsim.config import MAX_MESSAGE
+from fedsim.schema import MAX_MESSAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 BOMB = "[" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"&{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]) + "]"
@@ -190,8 +190,7 @@ def test_cuda_without_cuda(tmp_path, section, capsys):
 def test_valid_scenario_still_loads(toy_yaml):
     """The checks reject bad input only: the toy scenario (with an alias and a merge key,
     which stay allowed) loads."""
-    from fedsim.config import load_scenario
-
+    from fedsim.scenario import load_scenario
     text = toy_yaml.read_text() + "evaluation: &ev {every: 1}\n"
     toy_yaml.write_text(text)
     scenario = load_scenario(toy_yaml, ["client.lr=1e-3", "seed=18446744073709551615"])

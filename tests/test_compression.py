@@ -1,4 +1,4 @@
-"""Tests for strategies.compressed.compressors (and the flat-vector layout of .base): wire formats, operator properties, byte counts, factory."""
+"""Tests for fedsim.strategies.compressed.compressors (and the flat-vector layout of .base): wire formats, operator properties, byte counts, factory."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from strategies.compressed.base import flatten, unflatten
-from strategies.compressed.compressors import (
+from fedsim.strategies.compressed.base import flatten, unflatten
+from fedsim.strategies.compressed.compressors import (
     QSGD,
     Compressor,
     Identity,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import write_scenario
-from fedsim.config import ScenarioError, apply_overrides, load_scenario
+
+from fedsim.config import ScenarioError
+from fedsim.data.loading import num_clients
+from fedsim.scenario import apply_overrides, load_scenario
 
 
 def error_of(path, overrides=None) -> str:
@@ -18,7 +20,7 @@ def error_of(path, overrides=None) -> str:
 
 def test_valid_toy_scenario_loads(toy_yaml):
     sc = load_scenario(toy_yaml)
-    assert sc.num_clients == 8 and sc.strategy.name == "fedavg"
+    assert num_clients(sc.data) == 8 and sc.strategy.name == "fedavg"
 
 
 def test_unknown_key_names_dotted_path(tmp_path):

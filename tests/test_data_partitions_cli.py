@@ -8,8 +8,8 @@ import yaml
 from PIL import Image
 
 from fedsim.cli import main
-from fedsim.config import load_scenario
 from fedsim.data.loading import load_dataset, partitions
+from fedsim.scenario import load_scenario
 
 SCENARIO = {
     "name": "toyparts",

@@ -21,10 +21,11 @@ from flwr.serverapp.strategy import FedAvg
 
 import fedsim.results
 from fedsim.cli import main
-from fedsim.config import ScenarioError, load_scenario
+from fedsim.config import ScenarioError
 from fedsim.edge.apps import _open_run
 from fedsim.outputs import MARKER
 from fedsim.results import RunFolder
+from fedsim.scenario import load_scenario
 
 FOREIGN = {"thesis.tex": "\\documentclass{article}", "sub/data.csv": "a,b\n1,2\n"}
 ADAPT = {"adapters": ["source"], "stream": {"corruptions": ["contrast"], "severities": [3], "batch_size": 16, "samples_per_shift": 16}, "edges": [0]}

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fedsim.cli import main
-from strategies import STRATEGIES
+from fedsim.strategies import STRATEGIES
 
 # Settings a strategy needs on the toy scenario (everything else: its defaults).
 NEEDS = {

@@ -22,11 +22,12 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.cli import main
-from fedsim.config import load_scenario
+from fedsim.data.loading import num_clients
 from fedsim.edge.config import DeviceProfile
 from fedsim.edge.dashboard import ProgressReader
 from fedsim.edge.processes import TOKEN_ENV, processes_with_token
 from fedsim.edge.profiles import estimate, model_memory_bytes
+from fedsim.scenario import load_scenario
 
 SCENARIO = {
     "name": "edge-tiny",
@@ -97,7 +98,7 @@ def test_protocol_in_process_equals_simulation(tmp_path: Path, reset: str) -> No
     scenario = load_scenario(path)
     out = (tmp_path / "edge").resolve()
     RunFolder.create(out, scenario)
-    n = scenario.num_clients
+    n = num_clients(scenario.data)
     contexts = {500 + i: Context(run_id=1, node_id=500 + i, node_config={"partition-id": i, "num-partitions": n, "state-dir": str(out)}, state=RecordDict(), run_config={}) for i in range(n)}
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
     run_cloud(InlineGrid(client_app, contexts), {"scenario": "", "run-dir": str(out), "resume": True})  # as the demo submits

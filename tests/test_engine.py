@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import write_scenario
+
 from fedsim.arrays import load_arrays
 from fedsim.cli import main
 from fedsim.engine.checkpoint import load_latest, save_checkpoint

@@ -1,4 +1,4 @@
-"""Tests for the error-feedback algebra of strategies.compressed (ef21, econtrol, plain).
+"""Tests for the error-feedback algebra of fedsim.strategies.compressed (ef21, econtrol, plain).
 
 The library functions are replayed on small heterogeneous problems and compared with a
 DIRECT transcription of the update equations written inline here (loops over clients, plain
@@ -12,16 +12,22 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from strategies.compressed.base import model_step
-from strategies.compressed.compressors import Compressor, Identity, RandK, ScaledSign, TopK
-from strategies.compressed.econtrol import (
+from fedsim.strategies.compressed.base import model_step
+from fedsim.strategies.compressed.compressors import (
+    Compressor,
+    Identity,
+    RandK,
+    ScaledSign,
+    TopK,
+)
+from fedsim.strategies.compressed.econtrol import (
     EControlClientState,
     EControlServerState,
     econtrol_client_step,
     econtrol_init_client,
     econtrol_server_step,
 )
-from strategies.compressed.ef21 import (
+from fedsim.strategies.compressed.ef21 import (
     EF21ClientState,
     EF21ServerState,
     ef21_client_scale,
@@ -31,7 +37,7 @@ from strategies.compressed.ef21 import (
     ef21_sgdm_client_step,
     ef21_weights,
 )
-from strategies.compressed.plain import compressed_client_step, compressed_server_mean
+from fedsim.strategies.compressed.plain import compressed_client_step, compressed_server_mean
 
 N = 5
 Grad = Callable[[int, np.ndarray], np.ndarray]
@@ -347,7 +353,7 @@ def test_econtrol_matches_direct_transcription(problem: Quadratic | Logistic, pa
 
 
 def test_econtrol_error_is_the_dropped_part() -> None:
-    """e+ = (1 - eta) e + (p - C(p)) with p the compressed vector (our reading of METHODS.md)."""
+    """e+ = (1 - eta) e + (p - C(p)) with p the compressed vector (our reading of the EControl paper)."""
     rng = np.random.default_rng(0)
     d, eta = 40, 0.2
     st = EControlClientState(rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32))

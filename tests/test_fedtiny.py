@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_scenario
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from conftest import write_scenario
 from fedsim.arrays import load_arrays, numpy_to_record, record_nbytes, record_to_numpy
 from fedsim.cli import main
 from fedsim.engine.checkpoint import load_latest
 from fedsim.engine.hooks import TASK_KEY
 from fedsim.models import build_model
-from strategies.fedtiny.sparsity import (
+from fedsim.scenario import new_run
+from fedsim.strategies.fedtiny import GIDX, GROW_KEY, GVAL, FedTiny, SparseClient
+from fedsim.strategies.fedtiny.sparsity import (
     IDX,
     VAL,
     active_counts,
@@ -35,8 +37,7 @@ from strategies.fedtiny.sparsity import (
     magnitude_masks,
     prunable_shapes,
 )
-from strategies.fedtiny import GIDX, GROW_KEY, GVAL, FedTiny, SparseClient
-from strategies.magprune import MagPrune
+from fedsim.strategies.magprune import MagPrune
 
 
 @pytest.fixture(autouse=True)
@@ -316,10 +317,9 @@ def test_fedtiny_end_to_end_masks_selection_bytes(tmp_path):
     out = tmp_path / "tiny"
     # record each round's masks from the checkpoints (fedsim keeps the last two)
     seen: dict[int, dict[str, np.ndarray]] = {}
-    from fedsim.config import load_scenario
     from fedsim.engine.runtimes import run_inline
-    from fedsim.engine.server import FederatedRun
     from fedsim.results import RunFolder
+    from fedsim.scenario import load_scenario
 
     scenario = load_scenario(sc)
     runf = RunFolder.create(out, scenario)
@@ -329,7 +329,7 @@ def test_fedtiny_end_to_end_masks_selection_bytes(tmp_path):
         if ck is not None:
             seen[ck.round] = {k[5:]: v.astype(bool) for k, v in ck.strategy_arrays.items() if k.startswith("mask/")}
 
-    run_inline(FederatedRun(scenario, runf, on_round=on_round))
+    run_inline(new_run(scenario, runf, on_round=on_round))
     final = load_latest(runf.checkpoints)
     seen[final.round] = masks_from_checkpoint(runf.checkpoints / "round_00004")
     records = runf.read_metrics()

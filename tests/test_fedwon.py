@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_scenario
 from torch import nn
 
-from conftest import write_scenario
-from fedsim.engine.agc import adaptive_clip_, agc_settings, unitwise_norm
 from fedsim.cli import main
+from fedsim.engine.agc import adaptive_clip_, agc_settings, unitwise_norm
 from fedsim.engine.hooks import ClientHooks
 from fedsim.models import build_model
 from fedsim.models.layers import RELU_GAMMA, ScaledWSConv2d, is_norm_layer
-from strategies.fedbn import FedBNClient
-from strategies.fedwon import FedWon, FedWonClient
+from fedsim.strategies.fedbn import FedBNClient
+from fedsim.strategies.fedwon import FedWon, FedWonClient
 
 
 def run(scenario: Path, out: Path, *overrides: str) -> list[dict]:
@@ -33,7 +33,7 @@ def run(scenario: Path, out: Path, *overrides: str) -> list[dict]:
 
 def test_relu_gamma_constant():
     assert RELU_GAMMA == pytest.approx(math.sqrt(2.0 / (1.0 - 1.0 / math.pi)))
-    # METHODS.md's "~1.7139" is NFNets' empirical constant (1.71395...); the analytic
+    # the FedWon paper's "~1.7139" is NFNets' empirical constant (1.71395...); the analytic
     # sqrt(2 / (1 - 1/pi)) it also states is 1.71286: 0.06% apart, fedsim uses the formula
     assert RELU_GAMMA == pytest.approx(1.7139, abs=2e-3)
 
@@ -152,15 +152,15 @@ def test_agc_conv_units_and_vectors():
 
 def test_agc_hooks_read_config_and_compose():
     assert agc_settings({}) == (0.0, 1e-3, ())
-    assert agc_settings({"agc-lambda": 0.2, "agc-exclude": "classifier.4, x"}) == (0.2, 1e-3, ("classifier.4", "x"))
+    assert agc_settings({"fedsim.agc.lambda": 0.2, "fedsim.agc.exclude": "classifier.4, x"}) == (0.2, 1e-3, ("classifier.4", "x"))
     model = build_model("cnn-small", 4, 3, 16, "none", {"width": 8}, seed=0)
     F.cross_entropy(model(torch.rand(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3])).mul(1e4).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     ClientHooks({}).before_step(model)  # FedAvg's client: nothing clipped
     assert all(torch.equal(grads[k], p.grad) for k, p in model.named_parameters())
-    ClientHooks({"agc-lambda": 0.0}).before_step(model)  # lambda 0: off
+    ClientHooks({"fedsim.agc.lambda": 0.0}).before_step(model)  # lambda 0: off
     assert all(torch.equal(grads[k], p.grad) for k, p in model.named_parameters())
-    FedWonClient({"agc-lambda": 0.01, "agc-exclude": "classifier.4"}).before_step(model)
+    FedWonClient({"fedsim.agc.lambda": 0.01, "fedsim.agc.exclude": "classifier.4"}).before_step(model)
     for k, p in model.named_parameters():
         if k.startswith("classifier.4"):
             assert torch.equal(grads[k], p.grad)
@@ -171,15 +171,15 @@ def test_agc_hooks_read_config_and_compose():
     # any strategy's client clips when its config asks (e.g. FedBN + client.agc_lambda)
     model.zero_grad()
     F.cross_entropy(model(torch.rand(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3])).mul(1e4).backward()
-    FedBNClient({"agc-lambda": 0.01}).before_step(model)
+    FedBNClient({"fedsim.agc.lambda": 0.01}).before_step(model)
     for p in model.parameters():
         assert float((unitwise_norm(p.grad) / unitwise_norm(p.detach()).clamp_min(1e-3)).max()) <= 0.01 * (1 + 1e-5)
 
 
 def test_fedwon_strategy_settings_and_bn_check():
     s = FedWon(agc_lambda=0.3)
-    assert s.client_hooks == "strategies.fedwon:FedWonClient"
-    assert s.client_config["agc-lambda"] == 0.3
+    assert s.client_hooks == "fedsim.strategies.fedwon:FedWonClient"
+    assert s.client_config["fedsim.agc.lambda"] == 0.3
     with pytest.raises(ValueError):
         FedWon(agc_lambda=-1)
     from flwr.app import ConfigRecord

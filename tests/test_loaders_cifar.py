@@ -7,7 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_datasets import CIFAR_NAMES, image_label_check, write_cifar10, write_cifar10c, write_malicious_cifar_batch
+from fixtures_datasets import (
+    CIFAR_NAMES,
+    image_label_check,
+    write_cifar10,
+    write_cifar10c,
+    write_malicious_cifar_batch,
+)
 
 from fedsim.config import DataConfig, ScenarioError
 from fedsim.data.base import DATASETS, MultiDomainDataset

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from fedsim.config import DataConfig, Scenario, validation_error_line
+from fedsim.config import DataConfig, Scenario
 from fedsim.data import partitioners
 from fedsim.data.partition import PartitionError, make_partitions
+from fedsim.schema import validation_error_line
 
 
 def labels(n=400, classes=10, seed=0):
@@ -199,7 +200,7 @@ def test_too_small_client_is_an_error():
 def test_config_rejects_misplaced_or_missing_parameters(kw, message):
     with pytest.raises(ValidationError) as info:
         Scenario.model_validate({"data": kw})
-    assert validation_error_line("x.yaml", info.value) == f"x.yaml: {message}"
+    assert validation_error_line("x.yaml", info.value, Scenario) == f"x.yaml: {message}"
 
 
 # -- equality with flwr-datasets ----------------------------------------------------------

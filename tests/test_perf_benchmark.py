@@ -8,13 +8,13 @@ import math
 
 import numpy as np
 import pytest
+from conftest import write_scenario
 
 from benchmarks import _perf_jobs as jobs
 from benchmarks._perf_bare import bare_run, check_supported
 from benchmarks.perf import Report, Row, markdown, write_doc
-from conftest import write_scenario
-from fedsim.config import load_scenario
-from fedsim.data.loading import ClientDataCache
+from fedsim.data.loading import ClientDataCache, num_clients
+from fedsim.scenario import load_scenario
 
 
 def test_bare_loop_and_fedsim_take_the_same_optimizer_steps(tmp_path):
@@ -23,7 +23,7 @@ def test_bare_loop_and_fedsim_take_the_same_optimizer_steps(tmp_path):
     fed = jobs.fedsim_run({"scenario": str(path)})
     bare = bare_run(sc)
     cache = ClientDataCache(sc.data, sc.seed)
-    per_round = sum(math.ceil(len(cache.client(c).y_train) / sc.client.batch_size) for c in range(sc.num_clients))
+    per_round = sum(math.ceil(len(cache.client(c).y_train) / sc.client.batch_size) for c in range(num_clients(sc.data)))
     assert fed["steps"] == bare["steps"] == sc.rounds * per_round
     assert len(fed["round_s"]) == sc.rounds
     # same data, same batches, same initial weights: the same model up to float rounding

@@ -6,14 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import write_scenario
-from fedsim.config import load_scenario
-from fedsim.data.loading import ClientDataCache
+
+from fedsim.data.loading import ClientDataCache, num_clients
 from fedsim.engine.client import ClientRuntime
 from fedsim.engine.runtimes import run_inline
-from fedsim.engine.server import FederatedRun
 from fedsim.results import RunFolder
+from fedsim.scenario import load_scenario, new_run
 
 # toy: 4 domains x 250 clients = 1,000 clients, 5 images each (4 train, 1 test)
 POPULATION = {
@@ -27,7 +26,7 @@ POPULATION = {
 def run_population(tmp_path: Path, monkeypatch, strategy: dict) -> tuple[Path, set[int], set[int], list[int]]:
     path = write_scenario(tmp_path / "pop.yaml", **POPULATION, strategy=strategy)
     sc = load_scenario(str(path), [])
-    assert sc.num_clients == 1000
+    assert num_clients(sc.data) == 1000
     trained: set[int] = set()
     evaluated: set[int] = set()
     built: list[int] = []
@@ -50,7 +49,7 @@ def run_population(tmp_path: Path, monkeypatch, strategy: dict) -> tuple[Path, s
     monkeypatch.setattr(ClientRuntime, "evaluate", evaluate)
     monkeypatch.setattr(ClientDataCache, "client", client)
     run = RunFolder.create(tmp_path / "run", sc, overwrite=True)
-    run_inline(FederatedRun(sc, run))
+    run_inline(new_run(sc, run))
     assert [r["round"] for r in run.read_metrics()] == [2]
     return run.path, trained, evaluated, built
 

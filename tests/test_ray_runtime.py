@@ -20,7 +20,9 @@ import pytest
 from conftest import TEST_TOKEN_ENV, describe, stop_pids, write_scenario
 
 from fedsim.cli import main
-from fedsim.edge.processes import processes_with_token
+from fedsim.cli.edge import write_app
+from fedsim.edge.processes import CONNECTION, LocalDeployment, processes_with_token
+from fedsim.scenario import load_scenario
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -209,10 +211,6 @@ def test_fedsim_app_on_flowers_simulation_runtime_matches_inline(toy_yaml, tmp_p
     ``flwr run`` to ``flower-superlink --simulation`` (README, "Which Flower entry point";
     docs/edge.md): Flower's simulated SuperNodes give the inline runtime's metrics, the run
     installs no dependencies, and no process outlives the SuperLink."""
-    from fedsim.config import load_scenario
-    from fedsim.edge.command import write_app
-    from fedsim.edge.processes import CONNECTION, LocalDeployment
-
     assert main(["run", str(toy_yaml), "runtime.num_threads=1", "--out", str(tmp_path / "inline")]) == 0
     clients = load_scenario(str(toy_yaml)).num_clients
     run_dir = (tmp_path / "flower").resolve()

@@ -15,16 +15,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_scenario
+
 from fedsim.arrays import load_arrays, save_arrays
 from fedsim.cli import main
 from fedsim.engine.checkpoint import MANIFEST, load_strategy_state
-from strategies.fedbn import FedBN
+from fedsim.strategies.fedbn import FedBN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +112,7 @@ def test_generic_strategy_state_restores_only_instance_attributes():
     for scalars in ({"client_hooks": "evil_hooks:Hooks"}, {"__kind__.configure_train": "dict"}, {"__kind__.__class__": "dict"}, {"__kind__.m_t": "pickle"}):
         with pytest.raises(ValueError, match="strategy state"):
             load_strategy_state(strategy, {}, scalars)
-    assert FedBN.client_hooks == strategy.client_hooks == "strategies.fedbn:FedBNClient"
+    assert FedBN.client_hooks == strategy.client_hooks == "fedsim.strategies.fedbn:FedBNClient"
     load_strategy_state(strategy, {}, {"fraction_train": 0.5, "never_an_attribute": 3})
     assert strategy.fraction_train == 0.5 and not hasattr(strategy, "never_an_attribute")
 

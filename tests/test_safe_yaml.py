@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from fedsim import safe_yaml
-from fedsim.section import misplaced_bool
+from fedsim.schema import misplaced_bool
 
 
 def test_merge_keys_and_small_aliases_stay_allowed():

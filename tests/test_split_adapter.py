@@ -14,9 +14,9 @@ import pytest
 import torch
 from test_tta_common import small_bn_cnn
 
-from adapters import build_adapter
-from adapters._norm import entropy, norm_affine_parameters
-from adapters.base import SplitAdapter
+from fedsim.adapters import build_adapter
+from fedsim.adapters._norm import entropy, norm_affine_parameters
+from fedsim.adapters.base import SplitAdapter
 from fedsim.edge.protocol import cloud_take, play_edge
 from fedsim.tta.runner import BatchRecord, run_stream
 from fedsim.tta.streams import StreamBatch

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from fedsim.arrays import load_arrays
-from fedsim.config import ScenarioError, build_scenario
+from fedsim.config import ScenarioError
 from fedsim.data.loading import partitions
 from fedsim.engine.checkpoint import load_latest
 from fedsim.engine.runtimes import run_inline
-from fedsim.engine.server import FederatedRun
 from fedsim.results import RunFolder
-from strategies.compressed.base import split_keys
-from strategies.compressed.compressors import TopK, index_dtype
+from fedsim.scenario import build_scenario, new_run
+from fedsim.strategies.compressed.base import split_keys
+from fedsim.strategies.compressed.compressors import TopK, index_dtype
 
 
 def scenario(strategy: str, args: dict | None = None, rounds: int = 2, **extra):
@@ -38,7 +38,7 @@ def scenario(strategy: str, args: dict | None = None, rounds: int = 2, **extra):
 def run(out: Path, strategy: str, args: dict | None = None, rounds: int = 2, resume: bool = False, **extra) -> list[dict]:
     sc = scenario(strategy, args, rounds, **extra)
     folder = RunFolder(out) if resume else RunFolder.create(out, sc)
-    experiment = FederatedRun(sc, folder, resume=resume)
+    experiment = new_run(sc, folder, resume=resume)
     run_inline(experiment)
     return folder.read_metrics()
 

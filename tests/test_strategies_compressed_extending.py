@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 from fedsim.arrays import load_arrays
-from fedsim.config import build_scenario
 from fedsim.engine.checkpoint import load_latest
 from fedsim.engine.runtimes import run_inline
-from fedsim.engine.server import FederatedRun
 from fedsim.results import RunFolder
-from strategies import STRATEGIES
-from strategies.compressed.base import split_keys
-from strategies.compressed.compressors import TopK, index_dtype, make_compressor
+from fedsim.scenario import build_scenario, new_run
+from fedsim.strategies import STRATEGIES
+from fedsim.strategies.compressed.base import split_keys
+from fedsim.strategies.compressed.compressors import TopK, index_dtype, make_compressor
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 N_CLIENTS = 8  # toy: 4 domains x 2 clients
@@ -57,7 +56,7 @@ def run(out: Path, strategy: str, args: dict, rounds: int = 3) -> list[dict]:
     }
     sc = build_scenario(raw, "test")
     folder = RunFolder.create(out, sc)
-    run_inline(FederatedRun(sc, folder))
+    run_inline(new_run(sc, folder))
     return folder.read_metrics()
 
 

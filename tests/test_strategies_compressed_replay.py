@@ -1,6 +1,6 @@
 """Replay: the Flower strategy objects (configure_train / aggregate_train) and their client
 hooks, driven by hand on a tiny model, against a direct re-computation with the pure
-reference functions of strategies.compressed.{plain,ef21,econtrol} (partial participation, a dropped reply,
+reference functions of fedsim.strategies.compressed.{plain,ef21,econtrol} (partial participation, a dropped reply,
 compressed downlink with catch-up increments, resume through state_dict)."""
 
 from __future__ import annotations
@@ -19,9 +19,16 @@ from fedsim.arrays import numpy_to_record, record_to_numpy
 from fedsim.engine.client_state import ClientState
 from fedsim.engine.hooks import HOOKS_KEY
 from fedsim.registry import import_object
-from strategies.compressed.base import client_rng, flatten, model_step, server_rng, split_keys, unflatten
-from strategies.compressed.compressors import Identity, make_compressor
-from strategies.compressed.econtrol import (
+from fedsim.strategies.compressed.base import (
+    client_rng,
+    flatten,
+    model_step,
+    server_rng,
+    split_keys,
+    unflatten,
+)
+from fedsim.strategies.compressed.compressors import Identity, make_compressor
+from fedsim.strategies.compressed.econtrol import (
     EControl,
     EControlClientState,
     EControlServerState,
@@ -29,7 +36,7 @@ from strategies.compressed.econtrol import (
     econtrol_init_client,
     econtrol_server_step,
 )
-from strategies.compressed.ef21 import (
+from fedsim.strategies.compressed.ef21 import (
     EF21,
     EF21ClientState,
     EF21ServerState,
@@ -40,7 +47,11 @@ from strategies.compressed.ef21 import (
     ef21_sgdm_client_step,
     ef21_weights,
 )
-from strategies.compressed.plain import Compressed, compressed_client_step, compressed_server_mean
+from fedsim.strategies.compressed.plain import (
+    Compressed,
+    compressed_client_step,
+    compressed_server_mean,
+)
 
 N = 6
 ROUNDS = 5

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from test_tta_common import small_bn_cnn
 from torch import nn
 
-from adapters import ADAPTERS, Adapter, adapter_settings, build_adapter
-from adapters._norm import MixedStatBatchNorm
-from adapters.unmix_tns import UnMixBatchNorm2d
+from fedsim.adapters import ADAPTERS, Adapter, adapter_settings, build_adapter
+from fedsim.adapters._norm import MixedStatBatchNorm
+from fedsim.adapters.unmix_tns import UnMixBatchNorm2d
 from fedsim.tta.streams import build_stream
 
 
@@ -298,7 +298,7 @@ def test_adapters_never_see_labels(name: str) -> None:
 def test_mixed_stat_bn_fused_path_equals_formula(a: float, mm: bool, shape: tuple[int, ...], channels_last: bool) -> None:
     """The fused forward (no autograd: BN's statistics kernel, then F.batch_norm) gives the
     formula's output, also on a channels-last input (the layout of the benchmark's activations)."""
-    from adapters._norm import MixedStatBatchNorm
+    from fedsim.adapters._norm import MixedStatBatchNorm
 
     bn = torch.nn.BatchNorm2d(4) if len(shape) == 4 else torch.nn.BatchNorm1d(4)
     bn.running_mean.uniform_(-1, 1)

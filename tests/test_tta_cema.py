@@ -14,9 +14,15 @@ import torch.nn.functional as F
 from test_tta_common import small_bn_cnn
 from torch import nn
 
-from adapters import build_adapter
-from adapters._norm import BatchRenorm, norm_affine_parameters
-from adapters.cema import CEMA, CemaEdgeFilter, distillation_loss, prepare_model, weighted_entropy
+from fedsim.adapters import build_adapter
+from fedsim.adapters._norm import BatchRenorm, norm_affine_parameters
+from fedsim.adapters.cema import (
+    CEMA,
+    CemaEdgeFilter,
+    distillation_loss,
+    prepare_model,
+    weighted_entropy,
+)
 
 C = 10
 E0 = 0.4 * math.log(C)

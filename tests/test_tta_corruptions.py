@@ -104,3 +104,9 @@ def test_noise_matches_formula(images: torch.Tensor) -> None:
     c = corrupt(images, "contrast", 2, 0)
     m = images.mean(dim=(2, 3), keepdim=True)
     assert torch.allclose(c, ((images - m) * 0.5 + m).clamp(0, 1), atol=1e-6)
+
+
+def test_schema_names_every_implemented_corruption() -> None:
+    from fedsim.tta import config
+
+    assert config.CORRUPTIONS == tuple(CORRUPTIONS)

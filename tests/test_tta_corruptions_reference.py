@@ -27,7 +27,11 @@ from PIL import Image
 from scipy.ndimage import map_coordinates
 from scipy.ndimage import zoom as scizoom
 
-from fedsim.tta.corruptions import CORRUPTIONS, affine_from_points, warp_affine_reflect101
+from fedsim.tta.corruptions import (
+    CORRUPTIONS,
+    affine_from_points,
+    warp_affine_reflect101,
+)
 
 cv2 = pytest.importorskip("cv2")
 sk_filters = pytest.importorskip("skimage.filters")
@@ -165,7 +169,7 @@ def impulse_noise(x, severity=1, rng=None):
 def glass_blur(x, severity=1):
     c = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][severity - 1]
     x = np.uint8(gaussian(np.array(x) / 255.0, sigma=c[0], channel_axis=-1) * 255)
-    for i in range(c[2]):
+    for _ in range(c[2]):
         for h in range(32 - c[1], c[1], -1):
             for w in range(32 - c[1], c[1], -1):
                 dx, dy = np.random.randint(-c[1], c[1], size=(2,))

@@ -14,11 +14,12 @@ from fixtures_datasets import write_cifar10, write_cifar10c
 
 from fedsim.arrays import load_arrays
 from fedsim.cli import main
-from fedsim.config import ScenarioError, Scenario, load_scenario
+from fedsim.config import Scenario, ScenarioError
 from fedsim.engine.checkpoint import load_latest
 from fedsim.models import norm_state_keys
+from fedsim.scenario import load_scenario, open_model_run
 from fedsim.tta.config import AdaptationConfig
-from fedsim.tta.deploy import ModelRunError, deploy_model, open_model_run
+from fedsim.tta.deploy import ModelRunError, deploy_model
 from fedsim.tta.streams import edge_stream
 
 STREAM = {"corruptions": ["gaussian_noise", "contrast"], "severities": [3], "batch_size": 16, "samples_per_shift": 24}
@@ -98,8 +99,8 @@ def test_config_defaults_and_shorthands() -> None:
     assert cfg.edges == "all" and cfg.model == "auto" and cfg.reset == "auto"
     gradual = AdaptationConfig.model_validate({"adapter": "tbn", "stream": {"protocol": "gradual", "corruptions": ["fog"]}})
     assert gradual.stream.shift_names() == ["fog"]
-    custom = AdaptationConfig.model_validate({"adapter": {"name": "adapters.tbn:TBN"}, "stream": {"shifts": ["clean", "fog@2"]}})
-    assert custom.adapter_specs()[0].display == "adapters.tbn:TBN"
+    custom = AdaptationConfig.model_validate({"adapter": {"name": "fedsim.adapters.tbn:TBN"}, "stream": {"shifts": ["clean", "fog@2"]}})
+    assert custom.adapter_specs()[0].display == "fedsim.adapters.tbn:TBN"
     assert Scenario.model_validate({}).adaptation is None
 
 

@@ -7,9 +7,9 @@ import torch
 from test_tta_common import small_bn_cnn
 from torch import nn
 
-from adapters import build_adapter
-from adapters.base import Adapter
-from fedsim.tta.runner import _plot_on_axis, plot_stream, running_accuracy, run_stream
+from fedsim.adapters import build_adapter
+from fedsim.adapters.base import Adapter
+from fedsim.tta.runner import _plot_on_axis, plot_stream, run_stream, running_accuracy
 from fedsim.tta.streams import build_stream
 
 
@@ -107,7 +107,7 @@ def test_plot_running_accuracy_from_the_start_and_distinguishable(tmp_path) -> N
     assert acc[-1] == a.accuracy
     ax = Figure().subplots()
     _plot_on_axis(ax, [a, b])
-    main = [ln for ln in ax.lines if ln.get_label() in ("tbn: %.3f" % a.accuracy, "tbn-copy: %.3f" % b.accuracy)]
+    main = [ln for ln in ax.lines if ln.get_label() in (f"tbn: {a.accuracy:.3f}", f"tbn-copy: {b.accuracy:.3f}")]
     assert len(main) == 2  # equal results: two curves, told apart by style
     assert len({(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in main}) == 2
     assert all(len(ln.get_xdata()) == 80 and ln.get_xdata()[0] == 1 for ln in main)  # from the first sample

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from fedsim.data.base import DomainSplit, MultiDomainDataset
-from fedsim.tta.streams import GRADUAL_SEVERITIES, build_stream, dirichlet_order, domain_sets
+from fedsim.tta.streams import (
+    GRADUAL_SEVERITIES,
+    build_stream,
+    dirichlet_order,
+    domain_sets,
+)
 
 
 def _data(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

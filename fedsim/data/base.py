@@ -55,5 +55,5 @@ class MultiDomainDataset:
     corrupted_source: CorruptedSource | None = None
 
 
-# Loaders: callable(cfg: fedsim.config.DataConfig) -> MultiDomainDataset
+# Loaders: callable(cfg: fedsim.data.config.DataConfig) -> MultiDomainDataset
 DATASETS: Registry = Registry("dataset", "fedsim.data.loaders")

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedsim.config import DataConfig
 from fedsim.data.base import DATASETS, MultiDomainDataset
+from fedsim.data.config import DataConfig
 from fedsim.data.partition import ClientPartition, make_partitions
 
 
@@ -27,6 +27,13 @@ def _load_cached(cfg_json: str) -> MultiDomainDataset:
 def load_dataset(cfg: DataConfig) -> MultiDomainDataset:
     """The dataset named in ``cfg`` (cached per process: loaders build or read once)."""
     return _load_cached(cfg.model_dump_json())
+
+
+def num_clients(cfg: DataConfig) -> int:
+    """How many clients the data section makes: ``clients_per_domain`` for each domain
+    (loads the dataset only when ``domains`` does not list them)."""
+    n_domains = len(cfg.domains) if cfg.domains else len(load_dataset(cfg).domains)
+    return n_domains * cfg.clients_per_domain
 
 
 @functools.lru_cache(maxsize=4)

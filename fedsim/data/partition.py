@@ -23,17 +23,14 @@ Everything is a pure function of the labels, the data config and the seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedsim.data import partitioners
+from fedsim.data.config import DataConfig
 from fedsim.data.partitioners import PartitionError
 
-if TYPE_CHECKING:
-    from fedsim.config import DataConfig, Scenario
-
-__all__ = ["ClientPartition", "PartitionError", "count_clients", "make_partitions", "mix_domains"]
+__all__ = ["ClientPartition", "PartitionError", "make_partitions", "mix_domains"]
 
 
 @dataclass(frozen=True)
@@ -64,15 +61,6 @@ class ClientPartition:
 
 def mix_domains(cfg: DataConfig) -> bool:
     return bool(cfg.options.get("mix_domains", False))
-
-
-def count_clients(scenario: Scenario) -> int:
-    n_domains = len(scenario.data.domains) if scenario.data.domains else None
-    if n_domains is None:
-        from fedsim.data.loading import load_dataset
-
-        n_domains = len(load_dataset(scenario.data).domains)
-    return n_domains * scenario.data.clients_per_domain
 
 
 def _split_counts(n: int, parts: int) -> np.ndarray:

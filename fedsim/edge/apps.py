@@ -24,9 +24,19 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+
+from fedsim.data.loading import num_clients
+from fedsim.edge.profiles import write_device_report
+from fedsim.edge.protocol import EdgePlayer, edge_adapt, edge_split
+from fedsim.engine.client import client_runtime
+from fedsim.results import RunFolder, plot_accuracy, summarize
+from fedsim.scenario import load_scenario, new_run, open_model_run, open_run
+from fedsim.schema import ScenarioError
+from fedsim.tta.experiment import run_adaptation
 
 SCENARIO_KEY = "fedsim.scenario"
 PROGRESS = "progress.jsonl"
@@ -37,8 +47,6 @@ server_app = ServerApp()
 
 # -- edge ------------------------------------------------------------------------------------
 def _runtime(context: Context) -> Any:
-    from fedsim.engine.client import client_runtime
-
     record = context.state.config_records.get("fedsim")
     if record is None:
         raise RuntimeError("this SuperNode has not been told its scenario (no discovery query from a fedsim ServerApp)")
@@ -66,15 +74,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @client_app.query("adapt")
 def adapt(msg: Message, context: Context) -> Message:
-    from fedsim.edge.protocol import edge_adapt
-
     return edge_adapt(_runtime(context), msg, context)
 
 
 @client_app.query("split")
 def split(msg: Message, context: Context) -> Message:
-    from fedsim.edge.protocol import edge_split
-
     return edge_split(_runtime(context), msg, context)
 
 
@@ -102,15 +106,13 @@ def _open_run(run_config: dict[str, Any]) -> tuple[Any, Any, bool]:
     run config says ``resume=true`` (the demo does, for the folder it created) and the
     submitted scenario, if any, is the one saved there; a re-submission without it is
     refused like ``fedsim run`` into an existing folder, never silently re-run over."""
-    from fedsim.config import ScenarioError, load_scenario
-    from fedsim.results import RunFolder
 
     scenario_file = str(run_config.get("scenario", ""))
     run_dir = Path(str(run_config.get("run-dir", "")) or f"runs/{Path(scenario_file).stem}-flwr").resolve()
     if (run_dir / "scenario.yaml").is_file():
         if not _flag(run_config.get("resume", False)):
             raise ScenarioError(f"{run_dir}: run folder exists; submit with --run-config 'resume=true' (same scenario) to continue it, or choose another run-dir")
-        run, scenario = RunFolder.open(run_dir)
+        run, scenario = open_run(run_dir)
         if scenario_file and Path(scenario_file).resolve() != run.scenario_file.resolve():
             submitted = load_scenario(scenario_file)
             if submitted.model_dump() != scenario.model_dump():
@@ -122,22 +124,14 @@ def _open_run(run_config: dict[str, Any]) -> tuple[Any, Any, bool]:
 
 def run_cloud(grid: Grid, run_config: dict[str, Any]) -> Path:
     """Everything the cloud does in one run: train, adapt on the edges, write results."""
-    import torch
-
-    from fedsim.edge.profiles import write_device_report
-    from fedsim.edge.protocol import EdgePlayer
-    from fedsim.engine.server import FederatedRun
-    from fedsim.results import plot_accuracy, summarize
-    from fedsim.tta.deploy import open_model_run
-    from fedsim.tta.experiment import run_adaptation
 
     run, scenario, resume = _open_run(run_config)
     torch.set_num_threads(scenario.runtime.num_threads)
     progress = ProgressLog(run.path)
-    progress.write("start", rounds=scenario.rounds, clients=scenario.num_clients, resume=resume)
+    progress.write("start", rounds=scenario.rounds, clients=num_clients(scenario.data), resume=resume)
     t0 = time.perf_counter()
     try:
-        experiment = FederatedRun(scenario, run, resume=resume, on_round=lambda r: progress.write("round", record=r))
+        experiment = new_run(scenario, run, resume=resume, on_round=lambda r: progress.write("round", record=r))
         experiment.hello_config = {SCENARIO_KEY: scenario.model_dump_json()}
         experiment.drive(grid)
         records = run.read_metrics()

@@ -16,7 +16,7 @@ def make_certificates(out: Path, days: int = 30) -> dict[str, Path]:
     from cryptography.x509.oid import NameOID
 
     out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedsim demo CA")])
     ca_cert = (

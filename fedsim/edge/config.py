@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from fedsim.section import Section
+from fedsim.schema import Section
 
 
 class DeviceProfile(Section):

@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
 from fedsim.edge.config import EdgeConfig
+from fedsim.edge.profiles import estimate
 
 
 class ProgressReader:
@@ -55,11 +60,6 @@ class ProgressReader:
 
 def render(state: dict[str, Any], edge_cfg: EdgeConfig, title: str) -> Any:
     """A rich renderable: training progress, then one row per edge and adapter."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    from fedsim.edge.profiles import estimate
 
     acc = state.get("accuracy")
     head = Text.assemble(

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from fedsim.arrays import atomic_write_bytes
+from fedsim.data.loading import load_dataset
 from fedsim.edge.config import DeviceProfile, EdgeConfig
+from fedsim.models import build_model
 
 DEVICES = "devices.json"
 
@@ -69,9 +71,6 @@ def estimate(profile: DeviceProfile, seconds: float, batches: int, bytes_up: flo
 
 
 def _memory_of(scenario: Any) -> int:
-    from fedsim.data.loading import load_dataset
-    from fedsim.models import build_model
-
     ds = load_dataset(scenario.data)
     m = scenario.model
     model = build_model(m.name, ds.num_classes, ds.channels, ds.image_size, m.normalization, m.args, seed=scenario.seed)

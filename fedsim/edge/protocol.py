@@ -6,7 +6,7 @@ Two message types, both answered by fedsim's deployed ClientApp (:mod:`fedsim.ed
   cloud sends the global model; the edge deploys it (with its own local state when the
   deployment is personalized), builds its own stream and plays it through each adapter,
   then replies with the per-batch scores. Nothing is uploaded.
-- ``query.split`` (cloud-edge adapters: any :class:`adapters.base.SplitAdapter`, e.g. CEMA):
+- ``query.split`` (cloud-edge adapters: any :class:`fedsim.adapters.base.SplitAdapter`, e.g. CEMA):
   the edge builds the adapter's edge half (``make_edge``) around its deployed model and
   plays batches (:func:`play_edge`: predict, select the upload) until its uploads reach
   the cloud half's ``upload_budget`` (at least one batch), a shift where the adapter
@@ -17,7 +17,7 @@ Two message types, both answered by fedsim's deployed ClientApp (:mod:`fedsim.ed
   runs in a fresh process).
 
 The sequence of edge forwards, uploads, cloud steps and model updates is the one the
-in-process :class:`~adapters.base.SplitAdapter` runs, so a demo scores what the simulation
+in-process :class:`~fedsim.adapters.base.SplitAdapter` runs, so a demo scores what the simulation
 scores. Nothing here names a particular adapter.
 """
 
@@ -28,22 +28,38 @@ import io
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
-from adapters import adapter_settings, build_adapter
-from adapters.base import CloudHalf, EdgeHalf, Payload, SplitAdapter, payload_bytes, uploaded_samples
+from fedsim.adapters import adapter_class, adapter_settings, build_adapter
+from fedsim.adapters.base import (
+    CloudHalf,
+    EdgeHalf,
+    Payload,
+    SplitAdapter,
+    payload_bytes,
+    uploaded_samples,
+)
 from fedsim.arrays import numpy_to_record, record_to_numpy
-from fedsim.tta.config import AdaptationConfig, AdapterSpec, adapter_class
+from fedsim.engine.client import ClientRuntime
+from fedsim.engine.client_state import ClientState
+from fedsim.engine.grid import PartitionGrid
+from fedsim.tta.config import AdaptationConfig, AdapterSpec
+from fedsim.tta.deploy import ModelRun, deploy_arrays
+from fedsim.tta.players import adapter_args, play_stream
 from fedsim.tta.runner import BatchRecord, StreamResult
-
-if TYPE_CHECKING:
-    from fedsim.engine.client import ClientRuntime
-    from fedsim.engine.grid import PartitionGrid
-    from fedsim.tta.deploy import ModelRun
+from fedsim.tta.streams import edge_stream, stream_record, stream_seed
 
 ADAPT = "query.adapt"
 SPLIT_STEP = "query.split"
@@ -97,15 +113,11 @@ def _adaptation(runtime: ClientRuntime) -> AdaptationConfig:
 
 def _deploy(runtime: ClientRuntime, global_arrays: dict[str, np.ndarray], cid: int, config: dict[str, Any]) -> torch.nn.Module:
     """The edge's model: the global arrays it was sent plus its own local state."""
-    from fedsim.engine.client_state import ClientState
-    from fedsim.tta.deploy import deploy_arrays
 
     which = _adaptation(runtime).model
     rnd = int(config["fedsim.checkpoint_round"])
     local, local_round = None, None
     if which != "global" and runtime.run_dir:
-        from pathlib import Path
-
         state = ClientState(Path(runtime.run_dir), cid, rnd, inclusive=True)
         local, local_round = state.get(LOCAL_ITEM), state._read_round.get(LOCAL_ITEM)
     model, _ = deploy_arrays(runtime.scenario, global_arrays, local, local_round, cid, which, rnd, f"edge {cid}")
@@ -114,7 +126,6 @@ def _deploy(runtime: ClientRuntime, global_arrays: dict[str, np.ndarray], cid: i
 
 def _stream(runtime: ClientRuntime, cid: int, seed: int) -> tuple[list[Any], dict[str, Any], bool, int]:
     """This edge's stream for ``seed`` (batches), its record, reset policy and stream seed."""
-    from fedsim.tta.streams import edge_stream, stream_record, stream_seed
 
     cfg = _adaptation(runtime)
     domain = runtime.data.partition(cid).domain
@@ -126,7 +137,6 @@ def _stream(runtime: ClientRuntime, cid: int, seed: int) -> tuple[list[Any], dic
 
 def edge_adapt(runtime: ClientRuntime, msg: Message, context: Context) -> Message:
     """``query.adapt``: play this edge's stream through each on-device adapter."""
-    from fedsim.tta.players import play_stream
 
     config = _config(msg)
     cid = runtime.client_id(context)
@@ -204,7 +214,7 @@ def play_edge(
 
 def cloud_take(cloud: CloudHalf, rows: list[BatchRecord], uploads: list[Payload | None], bytes_down: float) -> tuple[Payload | None, float]:
     """The cloud's side of one reply: each played batch's upload in order, as the
-    in-process :class:`~adapters.base.SplitAdapter` hands them over. Completes each row's
+    in-process :class:`~fedsim.adapters.base.SplitAdapter` hands them over. Completes each row's
     metrics as the in-process adapter reports them after that batch and returns the update
     for the edge's next message (None: none) and the bytes sent down so far."""
     update: Payload | None = None
@@ -341,9 +351,6 @@ class EdgePlayer:
                 yield from self._play_split(seed, edges, spec)
 
     def _play_split(self, seed: int, edges: list[int], spec: AdapterSpec) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]:
-        from fedsim.tta.players import adapter_args
-        from fedsim.tta.streams import stream_seed
-
         index = self.specs.index(spec)
         adapters: dict[int, SplitAdapter] = {}
         for e in edges:

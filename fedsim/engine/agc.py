@@ -11,11 +11,12 @@ Rows under the threshold are left bit-identical. ``lambda`` ("clip factor") is a
 NFNets use 0.01 at batch 4096; FedWon's small batches need a far larger value
 (FedWon's own value **unconfirmed**; fedsim's default :data:`DEFAULT_LAMBDA`).
 
-Use it from any strategy's client: :func:`adaptive_clip_` on a model's parameters, the
-:class:`AGCMixin` for a ClientHooks subclass, or :class:`AGCClientHooks` (FedAvg's client
-plus AGC) named as a strategy's ``client_hooks``. All read the message config keys
-``agc-lambda`` (0 or absent: off), ``agc-eps`` and ``agc-exclude`` (comma-separated
-parameter-name prefixes left unclipped, e.g. the classifier head as NFNets do).
+A client option of every strategy: :class:`fedsim.engine.hooks.ClientHooks` (the client side
+every strategy builds on) clips after each backward pass when the train message's config
+sets ``fedsim.agc.lambda`` (0 or absent: off; the scenario's ``client.agc_lambda``, FedWon's
+``agc_lambda``), with ``fedsim.agc.eps`` and ``fedsim.agc.exclude`` (comma-separated parameter-name
+prefixes left unclipped, e.g. the classifier head as NFNets do): :func:`agc_settings` reads
+them, :func:`clip_model_` applies them. :func:`adaptive_clip_` clips any parameters directly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 
 DEFAULT_LAMBDA = 1.0  # unconfirmed for FedWon; see module docstring
 DEFAULT_EPS = 1e-3
@@ -61,12 +61,12 @@ def adaptive_clip_(parameters: Iterable[torch.Tensor], clip: float, eps: float =
 
 def agc_settings(config: dict[str, Any]) -> tuple[float, float, tuple[str, ...]]:
     """(lambda, eps, excluded name prefixes) from a message config."""
-    lam = float(config.get("agc-lambda", 0.0) or 0.0)
-    eps = float(config.get("agc-eps", DEFAULT_EPS))
-    raw = str(config.get("agc-exclude", "") or "")
+    lam = float(config.get("fedsim.agc.lambda", 0.0) or 0.0)
+    eps = float(config.get("fedsim.agc.eps", DEFAULT_EPS))
+    raw = str(config.get("fedsim.agc.exclude", "") or "")
     exclude = tuple(s.strip() for s in raw.split(",") if s.strip())
     if lam < 0:
-        raise ValueError(f"agc-lambda must be >= 0 (got {lam})")
+        raise ValueError(f"fedsim.agc.lambda must be >= 0 (got {lam})")
     return lam, eps, exclude
 
 
@@ -76,6 +76,6 @@ def clip_model_(model: nn.Module, clip: float, eps: float = DEFAULT_EPS, exclude
 
 
 # Every fedsim client (fedsim.engine.hooks.ClientHooks.before_step) applies AGC when its
-# message config has ``agc-lambda`` > 0, so no mixin is needed to add it to a strategy.
+# message config has ``fedsim.agc.lambda`` > 0, so no mixin is needed to add it to a strategy.
 
 __all__ = ["unitwise_norm", "adaptive_clip_", "clip_model_", "agc_settings", "DEFAULT_LAMBDA", "DEFAULT_EPS"]

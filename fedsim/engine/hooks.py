@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fedsim.arrays import NamedArrays
+from fedsim.engine.agc import agc_settings, clip_model_
 from fedsim.engine.client_state import ClientState
 
 HOOKS_KEY = "fedsim.client"
@@ -65,9 +66,7 @@ class ClientHooks:
 
     def before_step(self, model: nn.Module) -> None:
         """After backward, before the optimizer step. Applies adaptive gradient clipping
-        when the config has ``agc-lambda`` > 0 (any strategy: ``client.agc_lambda``)."""
-        from fedsim.engine.agc import agc_settings, clip_model_
-
+        when the config has ``fedsim.agc.lambda`` > 0 (any strategy: ``client.agc_lambda``)."""
         lam, eps, exclude = agc_settings(self.config)
         if lam > 0:
             clip_model_(model, lam, eps, exclude)

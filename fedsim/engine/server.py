@@ -23,8 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.arrays import all_finite, numpy_to_record, record_to_numpy
-from fedsim.config import Scenario, ScenarioError
-from fedsim.data.loading import load_dataset
+from fedsim.config import Scenario
+from fedsim.data.loading import load_dataset, num_clients
 from fedsim.engine.checkpoint import (
     Checkpoint,
     CheckpointDamaged,
@@ -40,6 +40,7 @@ from fedsim.engine.grid import PartitionGrid, Traffic
 from fedsim.engine.hooks import HOOKS_KEY
 from fedsim.models import build_model
 from fedsim.results import RunFolder
+from fedsim.schema import ScenarioError
 
 
 class RunFailure(RuntimeError):
@@ -48,21 +49,6 @@ class RunFailure(RuntimeError):
 
 class ResumeRefused(ScenarioError):
     """The run folder cannot be resumed as it is (one line: which file, what differs)."""
-
-
-def build_strategy(scenario: Scenario) -> Strategy:
-    from strategies import STRATEGIES
-
-    from fedsim.validate import constructor_params
-
-    cls = STRATEGIES.get(scenario.strategy.name)
-    args = dict(scenario.strategy.args)
-    if "seed" in constructor_params(cls)[0] and "seed" not in args:
-        args["seed"] = scenario.seed  # strategies with their own RNG follow the scenario seed
-    strategy = cls(**args)  # type: ignore[operator]
-    if not isinstance(strategy, Strategy):
-        raise TypeError(f"strategy.name: '{scenario.strategy.name}' is not a flwr.serverapp.strategy.Strategy")
-    return strategy
 
 
 def initial_arrays(scenario: Scenario) -> dict[str, np.ndarray]:
@@ -152,14 +138,25 @@ class Totals:
 
 
 class FederatedRun:
-    """One experiment's server side. ``on_round`` is called with each metrics record."""
+    """One experiment's server side, for a validated scenario. ``make_strategy`` builds the
+    scenario's strategy (:func:`fedsim.scenario.build_strategy`; called for the run and to
+    check a resumed checkpoint's strategy state); ``on_round`` is called with each metrics
+    record."""
 
-    def __init__(self, scenario: Scenario, run: RunFolder, resume: bool = False, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        run: RunFolder,
+        make_strategy: Callable[[], Strategy],
+        resume: bool = False,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.scenario = scenario
         self.run = run
+        self.make_strategy = make_strategy
         self.resume = resume
         self.on_round = on_round
-        self.num_clients = scenario.num_clients
+        self.num_clients = num_clients(scenario.data)
         self.records: list[dict[str, Any]] = []
         self.hello_config: dict[str, str] = {}  # sent with the discovery query
         self.grid: PartitionGrid | None = None  # the clients, once discovered
@@ -197,7 +194,7 @@ class FederatedRun:
                 raise ResumeRefused(f"{where}/global.safetensors: arrays do not fit the scenario's model: {'; '.join(diffs[:3])}; resume refused")
             try:
                 Totals.from_json(item.meta["totals"])
-                load_strategy_state(build_strategy(sc), item.strategy_arrays, item.meta["strategy"])
+                load_strategy_state(self.make_strategy(), item.strategy_arrays, item.meta["strategy"])
             except (ValueError, TypeError, KeyError) as exc:
                 damaged.append(f"{where}: strategy state or totals unusable ({exc})")
                 continue
@@ -222,7 +219,7 @@ class FederatedRun:
         pgrid = PartitionGrid(grid, timeout_s=sc.faults.client_timeout_s)
         pgrid.discover(self.num_clients, config=self.hello_config)
         self.grid = pgrid
-        strategy = build_strategy(sc)
+        strategy = self.make_strategy()
         start, arrays, totals = 1, numpy_to_record(initial_arrays(sc)), Totals()
         if self.resume:
             ckpt = self.checkpoint  # verified against the scenario when this run was made
@@ -237,7 +234,7 @@ class FederatedRun:
         self.records = self.run.read_metrics()
         client_cfg: dict[str, Any] = {HOOKS_KEY: getattr(strategy, "client_hooks", ""), "fedsim.seed": sc.seed}
         if sc.client.agc_lambda is not None:
-            client_cfg["agc-lambda"] = sc.client.agc_lambda
+            client_cfg["fedsim.agc.lambda"] = sc.client.agc_lambda
         client_cfg.update(getattr(strategy, "client_config", {}) or {})
         last_good = start - 1
         fingerprint = scenario_fingerprint(sc)

@@ -1,11 +1,9 @@
 """The ``adaptation:`` section of a scenario: test-time adaptation after federated training.
 
-Every section forbids unknown keys; :func:`fedsim.config.load_scenario` reports an error as
-``file: adaptation.stream.batch_size: must be >= 1 (got 0)``. Checks that need the trained
-run's dataset (edge ids, domain shifts) happen in :func:`fedsim.tta.experiment.check_adaptation`
-with the same message form.
-
-This module must not import :mod:`fedsim.config` (which imports it).
+Every section forbids unknown keys; :func:`fedsim.scenario.load_scenario` reports an error as
+``file: adaptation.stream.batch_size: must be >= 1 (got 0)``. Checks that need registries or
+the run's dataset (adapter names and settings, edge ids, domain shifts) happen in
+:func:`fedsim.scenario.check_adaptation` with the same message form.
 """
 
 from __future__ import annotations
@@ -14,7 +12,14 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from fedsim.section import Section, did_you_mean
+from fedsim.schema import MAX_SEED, Section
+
+CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)
+"""The corruption names a stream may use (the 15 of CIFAR-10-C; :mod:`fedsim.tta.corruptions`
+implements each, a test keeps the two in step). Named here so the schema imports no image code."""
 
 CLEAN = "clean"
 """Shift name for an edge's own domain test set played as it is (no corruption)."""
@@ -23,59 +28,20 @@ INJECTED = ("foundation",)
 """Adapter settings fedsim fills in itself (CEMA's cloud model): not allowed in ``args``."""
 
 
-MAX_SEED = 2**64 - 1  # torch.manual_seed takes 64 bits
 
 
 class AdapterSpec(Section):
     """One adapter: ``name`` is a registered adapter (``fedsim list``) or an import path
-    ``package.module:Class`` of an :class:`adapters.base.Adapter` subclass; ``args`` are its
+    ``package.module:Class`` of an :class:`fedsim.adapters.base.Adapter` subclass; ``args`` are its
     settings (unknown ones are errors); ``label`` names it in outputs (default: name)."""
 
     name: str
     args: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        adapter_class(value)  # raises ValueError with a one-line message
-        return value
-
-    @field_validator("args")
-    @classmethod
-    def _settings(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        name = info.data.get("name")
-        if name is None:
-            return value
-        from adapters import adapter_settings
-
-        known = adapter_settings(adapter_class(name))
-        for key in value:
-            if key in INJECTED:
-                raise ValueError(f"'{key}' is set by fedsim (see adaptation.foundation), not in args")
-            if key not in known:
-                hint = did_you_mean(key, [k for k in known if k not in INJECTED])
-                raise ValueError(f"unknown setting '{key}' of adapter '{name}'{hint} (settings: {', '.join(k for k in known if k not in INJECTED) or 'none'})")
-        return value
-
     @property
     def display(self) -> str:
         return self.label or self.name
-
-
-def adapter_class(name: str) -> type:
-    """The Adapter class of a registered name or import path; ValueError if it is none."""
-    from adapters import ADAPTERS
-    from adapters.base import Adapter
-    from fedsim.registry import RegistryError
-
-    try:
-        cls = ADAPTERS.get(name)
-    except RegistryError as exc:
-        raise ValueError(str(exc)) from None
-    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
-        raise ValueError(f"'{name}' is not a subclass of adapters.base.Adapter")
-    return cls
 
 
 def _exactly_one(value: Any, info: ValidationInfo, other: str, neither: str, both: str) -> bool:
@@ -137,8 +103,6 @@ class StreamConfig(Section):
     def _shifts(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if value is None:
             return value
-        from fedsim.tta.corruptions import CORRUPTIONS
-
         if not value:
             raise ValueError("give at least one shift")
         gradual = info.data.get("protocol") == "gradual"
@@ -161,8 +125,6 @@ class StreamConfig(Section):
     def _corruptions(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if not _exactly_one(value, info, "shifts", "give stream.corruptions (with severities) or stream.shifts", "give stream.corruptions or stream.shifts, not both"):
             return value
-        from fedsim.tta.corruptions import CORRUPTIONS
-
         if not value:
             raise ValueError("give at least one corruption")
         for name in value:
@@ -294,6 +256,10 @@ class AdaptationConfig(Section):
         """The stream settings of edge ``edge``: ``stream`` with its ``edge_streams`` keys."""
         override = self.edge_streams.get(int(edge))
         return self.stream if not override else _merged_stream(self.stream, override)
+
+    def edge_ids(self, num_clients: int) -> list[int]:
+        """The clients that adapt: all of the run's clients, or the listed ones."""
+        return list(range(num_clients)) if self.edges == "all" else list(self.edges)
 
     def adapter_specs(self) -> list[AdapterSpec]:
         return [self.adapter] if self.adapter is not None else list(self.adapters or [])

@@ -1,6 +1,7 @@
 """What an edge client deploys after federated training, and CEMA's cloud foundation model.
 
-- :func:`open_model_run`: a run folder's scenario and newest complete global checkpoint.
+- :class:`ModelRun`: a trained run (folder, scenario, newest complete checkpoint), opened by
+  :func:`fedsim.scenario.open_model_run`.
 - :func:`deploy_model`: the model of one client: the global model, or the global model with
   the client's own local state (FedBN's normalization layers), read from
   ``clients/<id>/local.r<round>.safetensors`` (the newest version not after the checkpoint's
@@ -24,11 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.arrays import atomic_write_bytes, load_arrays, save_arrays
-from fedsim.config import Scenario, ScenarioError
-from fedsim.engine.checkpoint import Checkpoint, load_latest
+from fedsim.config import Scenario
+from fedsim.data.loading import load_dataset, partitions, to_tensor
+from fedsim.engine.checkpoint import Checkpoint
 from fedsim.engine.client_state import ClientState
 from fedsim.models import build_model
 from fedsim.results import RunFolder
+from fedsim.schema import ScenarioError
 from fedsim.tta.config import FoundationConfig
 
 LOCAL_ITEM = "local"  # the ClientState item strategies keep local keys in (fedsim.engine.hooks)
@@ -51,23 +54,7 @@ class ModelRun:
         return self.run.path
 
 
-def open_model_run(path: str | Path) -> ModelRun:
-    """Open a run folder with at least one complete checkpoint (else :class:`ModelRunError`)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelRunError(f"{path}: not a fedsim run folder (no such folder)")
-    if not (path / "scenario.yaml").is_file():
-        raise ModelRunError(f"{path}: not a fedsim run folder (no scenario.yaml)")
-    run, scenario = RunFolder.open(path)
-    ckpt = load_latest(run.checkpoints)
-    if ckpt is None:
-        raise ModelRunError(f"{path}: run has no complete checkpoint (train it first, or fedsim run --resume {path})")
-    return ModelRun(run, scenario, ckpt)
-
-
 def _build(scenario: Scenario) -> nn.Module:
-    from fedsim.data.loading import load_dataset
-
     ds = load_dataset(scenario.data)
     m = scenario.model
     return build_model(m.name, ds.num_classes, ds.channels, ds.image_size, m.normalization, m.args, seed=scenario.seed)
@@ -150,8 +137,6 @@ def deploy_arrays(
 
 def pooled_train_data(scenario: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
     """The union of all clients' train data (float [N, C, H, W] in [0, 1], int64 [N])."""
-    from fedsim.data.loading import load_dataset, partitions, to_tensor
-
     ds = load_dataset(scenario.data)
     pooled: dict[str, list[np.ndarray]] = {}
     for part in partitions(scenario.data, scenario.seed):
@@ -183,8 +168,6 @@ def foundation_model(
     clients for ``cfg.epochs`` epochs (SGD, seeded). Cached as
     ``<run>/foundation/<cfg.model>-<key>.safetensors`` (+ ``.json`` record); a cached file
     with the same key (settings, data, seed) is loaded instead of training again."""
-    from fedsim.data.loading import load_dataset
-
     sc = model_run.scenario
     ds = load_dataset(sc.data)
     seed = sc.seed if cfg.seed is None else cfg.seed

@@ -31,54 +31,20 @@ from typing import Any
 import torch
 
 from fedsim.arrays import atomic_write_bytes
-from fedsim.config import Scenario, ScenarioError
-from fedsim.data.loading import load_dataset, partitions
+from fedsim.data.loading import num_clients, partitions
 from fedsim.engine.client import resolve_device
-from fedsim.tta.config import CLEAN, AdaptationConfig
-from fedsim.tta.corruptions import CORRUPTIONS
+from fedsim.tta.config import AdaptationConfig
 from fedsim.tta.deploy import ModelRun, deploy_model, foundation_model
 from fedsim.tta.players import InProcessPlayer, StreamPlayer, needs_foundation
 from fedsim.tta.runner import StreamResult, plot_streams
-from fedsim.tta.streams import full_dataset, stream_seed
+from fedsim.tta.streams import stream_seed
 from fedsim.tta.summary import print_table, summarize_results
 
-__all__ = ["JSONL", "PLOT", "SUMMARY", "check_adaptation", "edge_ids", "print_table", "run_adaptation"]
+__all__ = ["JSONL", "PLOT", "SUMMARY", "print_table", "run_adaptation"]
 
 JSONL = "adaptation.jsonl"
 SUMMARY = "adaptation_summary.json"
 PLOT = "adaptation.png"
-
-
-def _fail(source: str, key: str, message: str) -> None:
-    raise ScenarioError(f"{source}: {key}: {message}")
-
-
-def edge_ids(cfg: AdaptationConfig, num_clients: int) -> list[int]:
-    return list(range(num_clients)) if cfg.edges == "all" else list(cfg.edges)
-
-
-def check_adaptation(scenario: Scenario, cfg: AdaptationConfig, source: str) -> None:
-    """Checks that need the run's data: edge ids exist, domain shifts name domains."""
-    n = scenario.num_clients
-    for e in edge_ids(cfg, n):
-        if e >= n:
-            _fail(source, "adaptation.edges", f"client {e} does not exist (the run has clients 0..{n - 1})")
-    trained = load_dataset(scenario.data)
-    names = {name: None for e in edge_ids(cfg, n) for name in cfg.stream_for(e).shift_names()}
-    for e in cfg.edge_streams:
-        if e >= n:
-            _fail(source, f"adaptation.edge_streams.{e}", f"client {e} does not exist (the run has clients 0..{n - 1})")
-    for name in names:
-        if name == CLEAN or name.partition("@")[0] in CORRUPTIONS:
-            continue
-        if name not in trained.domains:
-            full = full_dataset(scenario)
-            if name not in full.domains:
-                _fail(
-                    source,
-                    "adaptation.stream.shifts",
-                    f"'{name}' is neither corruption@severity, clean, nor a domain of {full.name} (domains: {', '.join(full.domains)})",
-                )
 
 
 def run_adaptation(
@@ -90,21 +56,24 @@ def run_adaptation(
     source: str = "scenario",
     log: Callable[[str], None] | None = None,
     player: Callable[[dict[int, torch.nn.Module], torch.nn.Module | None], StreamPlayer] | None = None,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Adapt each edge's deployed model on its stream(s); write the files listed in the
-    module docstring into ``out`` and return the summary. Bad settings raise
-    :class:`ScenarioError` (``source: adaptation.key: message``). ``player`` builds what
+    module docstring into ``out`` and return the summary. ``cfg`` is checked against the run
+    beforehand (:func:`fedsim.scenario.check_adaptation`); a stream or adapter that still
+    fails raises :class:`~fedsim.schema.ScenarioError` (``source: adaptation.key: message``).
+    ``player`` builds what
     plays the streams from the deployed models and the foundation (default: this process;
-    the edge demo plays them on SuperNodes)."""
+    the edge demo plays them on SuperNodes). ``on_batch`` gets each ``adaptation.jsonl`` row
+    (the experiment trackers)."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scenario = model_run.scenario
-    check_adaptation(scenario, cfg, source)
     say = log or (lambda _msg: None)
     device = resolve_device(cfg.device or scenario.device)
     parts = partitions(scenario.data, scenario.seed)
-    edges = edge_ids(cfg, scenario.num_clients)
+    edges = cfg.edge_ids(num_clients(scenario.data))
     specs = cfg.adapter_specs()
 
     foundation, foundation_record = None, None
@@ -135,6 +104,8 @@ def run_adaptation(
                 for row in res.to_records():
                     row.update(edge=e, domain=parts[e].domain, seed=seed, stream_seed=sseed, batch=row.pop("index"))
                     fh.write(json.dumps(row) + "\n")
+                    if on_batch is not None:
+                        on_batch(row)
                 fh.flush()
                 extra = ""
                 if "upload_fraction" in res.metrics:

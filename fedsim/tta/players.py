@@ -13,10 +13,10 @@ from typing import Any, Protocol
 
 import torch
 
-from adapters import adapter_settings, build_adapter
+from fedsim.adapters import adapter_class, adapter_settings, build_adapter
 from fedsim.config import Scenario, ScenarioError
 from fedsim.data.loading import load_dataset, partitions
-from fedsim.tta.config import AdaptationConfig, AdapterSpec, adapter_class
+from fedsim.tta.config import AdaptationConfig, AdapterSpec
 from fedsim.tta.runner import StreamResult, run_stream
 from fedsim.tta.streams import TestStream, edge_stream, stream_record, stream_seed
 

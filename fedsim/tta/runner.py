@@ -10,15 +10,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from fedsim.adapters.base import Adapter
 from fedsim.tta.streams import StreamBatch
-
-if TYPE_CHECKING:
-    from adapters.base import Adapter
 
 
 @dataclass

@@ -6,7 +6,7 @@ of a domain whose own test images are played as they are ("domains as shifts": a
 trained on some domains meets the others). With ``corrupted_source`` a corruption shift
 reads pre-corrupted images (e.g. the CIFAR-10-C files) instead of generating them.
 
-Protocols (``METHODS.md``, "Streams and shifts"):
+Protocols (docs/tta.md, "Streams"):
 
 - ``reset-each-shift``: each shift is its own segment; the runner resets the adapter
   between segments (``TestStream.reset_between_shifts`` is True).

@@ -1,10 +1,10 @@
 """Compressed-communication strategies (docs/compression.md): one module per method, each
 holding its equations, states, client step and server step, readable against its paper.
 
-* :mod:`~strategies.compressed.compressors`: the compressors (a registry of plug-ins);
-* :mod:`~strategies.compressed.base`: the compressed-uplink protocol every method shares;
-* :mod:`~strategies.compressed.plain` (``compressed``), :mod:`~strategies.compressed.ef21`
-  (``ef21``), :mod:`~strategies.compressed.econtrol` (``econtrol``): the methods.
+* :mod:`~fedsim.strategies.compressed.compressors`: the compressors (a registry of plug-ins);
+* :mod:`~fedsim.strategies.compressed.base`: the compressed-uplink protocol every method shares;
+* :mod:`~fedsim.strategies.compressed.plain` (``compressed``), :mod:`~fedsim.strategies.compressed.ef21`
+  (``ef21``), :mod:`~fedsim.strategies.compressed.econtrol` (``econtrol``): the methods.
 
 A new method is one new module here (docs/extending.md); every public module of this
 package is imported with it, so its ``@STRATEGIES.register`` runs when fedsim looks up a
@@ -14,8 +14,8 @@ strategy name.
 import importlib
 import pkgutil
 
-# the pre-package import path ``strategies.compressed:Compressed`` keeps resolving
-from strategies.compressed.plain import Compressed
+# the pre-package import path ``fedsim.strategies.compressed:Compressed`` keeps resolving
+from fedsim.strategies.compressed.plain import Compressed
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):

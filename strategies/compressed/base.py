@@ -1,7 +1,7 @@
 """The compressed-uplink protocol shared by every compressed method (docs/compression.md).
 
-A method is one module of this package (:mod:`strategies.compressed.plain`,
-:mod:`strategies.compressed.ef21`, :mod:`strategies.compressed.econtrol`) holding its
+A method is one module of this package (:mod:`fedsim.strategies.compressed.plain`,
+:mod:`fedsim.strategies.compressed.ef21`, :mod:`fedsim.strategies.compressed.econtrol`) holding its
 equations as pure functions, its client side (a :class:`CompressedClient` implementing
 :meth:`CompressedClient.client_step`) and its server side (a :class:`CompressedStrategy`
 implementing :meth:`CompressedStrategy.server_step`). This module owns what they share and
@@ -13,7 +13,7 @@ What is compressed
     ``u_i = W - x_i^local`` (``W`` the model the client started from), over every
     floating-point tensor of the model except BatchNorm running statistics, flattened to one
     float32 vector (:func:`flatten`). The method's client step turns ``u_i`` and its buffers
-    into a compressed message (:mod:`strategies.compressed.compressors`); the server decodes
+    into a compressed message (:mod:`fedsim.strategies.compressed.compressors`); the server decodes
     the messages, the method's server step turns them into a direction and the server steps
     ``x+ = x - server_lr * direction`` (:func:`model_step`). All arithmetic is float32, as on
     the wire.
@@ -75,7 +75,7 @@ from fedsim.arrays import NamedArrays, numpy_to_record, record_to_numpy
 from fedsim.engine.client_state import ClientState
 from fedsim.engine.hooks import ClientHooks
 from fedsim.models import norm_state_keys
-from strategies.compressed.compressors import (
+from fedsim.strategies.compressed.compressors import (
     Compressor,
     Identity,
     Payload,
@@ -84,7 +84,7 @@ from strategies.compressed.compressors import (
     make_compressor,
     payload_nbytes,
 )
-from strategies.fedavg import FedAvg
+from fedsim.strategies.fedavg import FedAvg
 
 UP = "__ef__/"  # reply payload array names: __ef__/<payload key>
 DOWN = "__down__/"  # downlink increments: __down__/<round>/<payload key>
@@ -431,7 +431,7 @@ class CompressedStrategy(FedAvg, ABC):
 
     Parameters (besides Flower's FedAvg ones, e.g. ``fraction_train``):
         compressor: uplink compressor spec (``"topk:0.01"``, ``"randk:0.05"``, ``"qsgd:16"``,
-            ``"sign"``, ``"identity"`` or a dict; see :func:`strategies.compressed.compressors.make_compressor`).
+            ``"sign"``, ``"identity"`` or a dict; see :func:`fedsim.strategies.compressed.compressors.make_compressor`).
         downlink: downlink compressor spec; ``"identity"`` sends the dense model.
         server_lr: gamma in ``x+ = x - gamma * direction`` (1.0: a FedAvg-like step).
         seed: seeds Rand-K / QSGD draws (per round and client); set it to the scenario seed.

@@ -3,8 +3,8 @@
 Every compressor maps a flat float32 vector ``x`` (shape ``[d]``) to a *payload*: a dict of
 named numpy arrays, exactly what goes on the wire.  ``decode`` turns a payload back into a
 dense float32 vector of length ``d``; ``compress(x) = decode(encode(x))`` is the operator
-``C(x)`` of the error-feedback equations (:mod:`strategies.compressed.ef21`,
-:mod:`strategies.compressed.econtrol`).  The bytes fedsim reports as sent are
+``C(x)`` of the error-feedback equations (:mod:`fedsim.strategies.compressed.ef21`,
+:mod:`fedsim.strategies.compressed.econtrol`).  The bytes fedsim reports as sent are
 ``nbytes(payload) = sum(arr.nbytes for arr in payload.values())``: values, indices (in the
 smallest unsigned integer dtype that can index ``d``), seeds, scales and bit-packed codes
 are all counted, and nothing else is sent.

@@ -4,7 +4,7 @@ and Error Control", ICLR 2024): error compensation whose feedback strength is co
 
 Read top to bottom: the equations, the client and server states, the pure client / server
 steps (numpy on float32 vectors, never mutating their inputs), then the client hooks and the
-Flower strategy that move those vectors through messages (:mod:`strategies.compressed.base`).
+Flower strategy that move those vectors through messages (:mod:`fedsim.strategies.compressed.base`).
 
 Equations
 ---------
@@ -47,8 +47,8 @@ import numpy as np
 
 from fedsim.arrays import NamedArrays
 from fedsim.engine.hooks import hooks_path
-from strategies import STRATEGIES
-from strategies.compressed.base import (
+from fedsim.strategies import STRATEGIES
+from fedsim.strategies.compressed.base import (
     CompressedClient,
     CompressedStrategy,
     Message,
@@ -58,7 +58,7 @@ from strategies.compressed.base import (
     vector,
     weighted_sum,
 )
-from strategies.compressed.compressors import Compressor, Identity
+from fedsim.strategies.compressed.compressors import Compressor, Identity
 
 __all__ = [
     "ECONTROL_DEFAULT_ETA",
@@ -179,7 +179,7 @@ def econtrol_server_step(
 ) -> EControlServerState:
     """EControl server aggregate: ``h+ = h + (1/n) sum_{i in S} Delta_i`` (keeps ``h = mean h_i``).
 
-    ``n`` is the TOTAL number of clients.  Then call :func:`strategies.compressed.base.model_step` ``(x, h, gamma)``.
+    ``n`` is the TOTAL number of clients.  Then call :func:`fedsim.strategies.compressed.base.model_step` ``(x, h, gamma)``.
     """
     acc = weighted_sum(deltas, n, None)
     if acc is None:
@@ -216,7 +216,7 @@ class EControl(CompressedStrategy):
     clients; unsampled clients keep ``e_i, h_i``, a fedsim extension of the
     full-participation algorithm), then ``x+ = x - server_lr * h``.
 
-    Parameters (plus those of :class:`strategies.compressed.base.CompressedStrategy`):
+    Parameters (plus those of :class:`fedsim.strategies.compressed.base.CompressedStrategy`):
         eta: feedback strength >= 0 (default 1e-3, unconfirmed; theory: delta/400).
             ``eta=0`` is EF21 exactly (same start, same messages).
         init: ``"full"`` (default): round 1 every client sends ``u_i`` uncompressed,

@@ -7,7 +7,7 @@ smoothness-weighted EF21-W of "Error Feedback Reloaded" (Richtarik, Gasanov, Bur
 
 Read top to bottom: the equations, the client and server states, the pure client / server
 steps (numpy on float32 vectors, never mutating their inputs), then the client hooks and the
-Flower strategy that move those vectors through messages (:mod:`strategies.compressed.base`).
+Flower strategy that move those vectors through messages (:mod:`fedsim.strategies.compressed.base`).
 
 Equations
 ---------
@@ -53,8 +53,8 @@ import numpy as np
 
 from fedsim.arrays import NamedArrays
 from fedsim.engine.hooks import hooks_path
-from strategies import STRATEGIES
-from strategies.compressed.base import (
+from fedsim.strategies import STRATEGIES
+from fedsim.strategies.compressed.base import (
     CompressedClient,
     CompressedStrategy,
     Message,
@@ -64,7 +64,7 @@ from strategies.compressed.base import (
     vector,
     weighted_sum,
 )
-from strategies.compressed.compressors import Compressor, Identity
+from fedsim.strategies.compressed.compressors import Compressor, Identity
 
 __all__ = [
     "EF21ClientState",
@@ -258,7 +258,7 @@ def ef21_server_step(
         n: TOTAL number of clients (not ``|S|``).
         weights: ``w`` of shape ``(n,)`` (e.g. :func:`ef21_weights`); None means ``1/n``.
 
-    Then call :func:`strategies.compressed.base.model_step` ``(x, new_state.g, gamma)``.
+    Then call :func:`fedsim.strategies.compressed.base.model_step` ``(x, new_state.g, gamma)``.
     """
     acc = weighted_sum(messages, n, weights)
     if acc is None:
@@ -306,7 +306,7 @@ class EF21(CompressedStrategy):
     Server: ``g += sum_{i in S} w_i c_i`` with ``w_i = 1/n`` for ``n`` the TOTAL number of
     clients (EF21-PP: clients not sampled keep ``g_i``), then ``x+ = x - server_lr * g``.
 
-    Parameters (plus those of :class:`strategies.compressed.base.CompressedStrategy`:
+    Parameters (plus those of :class:`fedsim.strategies.compressed.base.CompressedStrategy`:
     ``compressor``, ``downlink``, ``server_lr``, ``seed``, ``bn``, ``init``, and Flower's
     FedAvg ones such as ``fraction_train``):
         momentum: EF21-SGDM's eta in (0, 1]; None (default) is plain EF21.

@@ -15,15 +15,15 @@ import numpy as np
 
 from fedsim.arrays import NamedArrays
 from fedsim.engine.hooks import hooks_path
-from strategies import STRATEGIES
-from strategies.compressed.base import (
+from fedsim.strategies import STRATEGIES
+from fedsim.strategies.compressed.base import (
     CompressedClient,
     CompressedStrategy,
     Message,
     send,
     vector,
 )
-from strategies.compressed.compressors import Compressor
+from fedsim.strategies.compressed.compressors import Compressor
 
 __all__ = ["compressed_client_step", "compressed_server_mean", "CompressedPlainClient", "Compressed"]
 
@@ -76,7 +76,7 @@ class Compressed(CompressedStrategy):
 
     Parameters: ``compressor``, ``downlink``, ``server_lr``, ``seed``, ``bn``,
     ``downlink_history`` and Flower's FedAvg ones (see
-    :class:`strategies.compressed.base.CompressedStrategy` and docs/compression.md); ``init``
+    :class:`fedsim.strategies.compressed.base.CompressedStrategy` and docs/compression.md); ``init``
     is accepted and ignored (there are no buffers to start).
     """
 

@@ -43,7 +43,7 @@ Package: :mod:`.sparsity` (ERK densities, masks, the values+indices wire format,
 memory accounting), :mod:`.client` (:class:`SparseClient`), :mod:`.server` (:class:`FedTiny`).
 """
 
-from strategies.fedtiny.client import GIDX, GROW_KEY, GVAL, SparseClient
-from strategies.fedtiny.server import FedTiny
+from fedsim.strategies.fedtiny.client import GIDX, GROW_KEY, GVAL, SparseClient
+from fedsim.strategies.fedtiny.server import FedTiny
 
 __all__ = ["GIDX", "GROW_KEY", "GVAL", "FedTiny", "SparseClient"]

@@ -1,6 +1,6 @@
 """FedTiny's client side (also the magnitude-pruning baseline's): sparse payloads, masked
 steps, top-k gradients of inactive weights, the round-1 candidate passes. See
-:mod:`strategies.fedtiny`."""
+:mod:`fedsim.strategies.fedtiny`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from fedsim.arrays import numpy_to_record
 from fedsim.engine.hooks import ClientHooks
-from strategies.fedtiny.sparsity import (
+from fedsim.strategies.fedtiny.sparsity import (
     decode,
     encode,
     index_dtype,
@@ -24,9 +24,9 @@ from strategies.fedtiny.sparsity import (
 
 log = logging.getLogger(__name__)
 
-GROW_KEY = "fedtiny-grow"  # train config: JSON {layer: k} of top-k inactive gradients to keep
-UPLINK_IDX_KEY = "fedtiny-uplink-indices"
-SEL_SAMPLES_KEY = "fedtiny-selection-samples"
+GROW_KEY = "fedtiny.grow"  # train config: JSON {layer: k} of top-k inactive gradients to keep
+UPLINK_IDX_KEY = "fedtiny.uplink_indices"
+SEL_SAMPLES_KEY = "fedtiny.selection_samples"
 GVAL, GIDX = "::gv", "::gi"
 BN_STATS = ("running_mean", "running_var")
 

@@ -1,5 +1,5 @@
 """FedTiny's server side: sparse start, adaptive BN selection, progressive prune-and-grow.
-See :mod:`strategies.fedtiny`."""
+See :mod:`fedsim.strategies.fedtiny`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 
 from fedsim.arrays import numpy_to_record, record_nbytes, record_to_numpy
 from fedsim.engine.hooks import TASK_KEY, hooks_path
-from strategies import STRATEGIES
-from strategies.fedavg import FedAvg
-from strategies.fedtiny.client import (
+from fedsim.strategies import STRATEGIES
+from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.fedtiny.client import (
     GIDX,
     GROW_KEY,
     GVAL,
@@ -24,7 +24,7 @@ from strategies.fedtiny.client import (
     SparseClient,
     candidate_prefix,
 )
-from strategies.fedtiny.sparsity import (
+from fedsim.strategies.fedtiny.sparsity import (
     apply_masks,
     cosine_fraction,
     decode,

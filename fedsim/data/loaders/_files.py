@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fedsim.config import DataConfig, ScenarioError
+from fedsim.data.config import DataConfig
+from fedsim.schema import ScenarioError
 
 ENV_VAR = "FEDSIM_DATA"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"})

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.config import DataConfig, ScenarioError
 from fedsim.data.base import DATASETS, DomainSplit, MultiDomainDataset
+from fedsim.data.config import DataConfig
 from fedsim.data.loaders._files import (
     DataSource,
     Options,
@@ -26,6 +26,7 @@ from fedsim.data.loaders._files import (
     select_domains,
     to_rgb_uint8,
 )
+from fedsim.schema import ScenarioError
 
 NAME = "cifar10"
 FOLDER = "cifar-10-batches-py"

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.config import DataConfig, ScenarioError
 from fedsim.data.base import DATASETS, CorruptedSource, DomainSplit, ImageArray, MultiDomainDataset
+from fedsim.data.config import DataConfig
 from fedsim.data.loaders._files import DataSource, Options, resolve_root, select_domains, to_rgb_uint8
 from fedsim.data.loaders.cifar10 import load_cifar10_arrays
+from fedsim.schema import ScenarioError
 
 NAME = "cifar10c"
 FOLDER = "CIFAR-10-C"

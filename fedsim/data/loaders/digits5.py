@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.config import DataConfig, ScenarioError
 from fedsim.data.base import DATASETS, DomainSplit, MultiDomainDataset
+from fedsim.data.config import DataConfig
+from fedsim.schema import ScenarioError
 
 log = logging.getLogger(__name__)
 
@@ -325,15 +326,15 @@ def _render_printed(
         mask = Image.new("L", (canvas, canvas), 0)
         draw = ImageDraw.Draw(mask)
         text = str(int(label))
-        l, t, r, b = draw.textbbox((0, 0), text, font=font, stroke_width=sw)
-        x0, y0 = cx - (l + r) / 2, cy - (t + b) / 2
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=sw)
+        x0, y0 = cx - (left + right) / 2, cy - (top + bottom) / 2
         draw.text((x0, y0), text, font=font, fill=255, stroke_width=sw, stroke_fill=255)
         if left_digit is not None:
             _, _, lr, _ = draw.textbbox((0, 0), left_digit, font=font, stroke_width=sw)
-            draw.text((x0 + l - space - lr, y0), left_digit, font=font, fill=255, stroke_width=sw, stroke_fill=255)
+            draw.text((x0 + left - space - lr, y0), left_digit, font=font, fill=255, stroke_width=sw, stroke_fill=255)
         if right_digit is not None:
             rl, _, _, _ = draw.textbbox((0, 0), right_digit, font=font, stroke_width=sw)
-            draw.text((x0 + r + space - rl, y0), right_digit, font=font, fill=255, stroke_width=sw, stroke_fill=255)
+            draw.text((x0 + right + space - rl, y0), right_digit, font=font, fill=255, stroke_width=sw, stroke_fill=255)
         if abs(angle) > 0.1:
             mask = mask.rotate(angle, resample=Image.Resampling.BILINEAR, center=(cx, cy))
         if factor > 1:

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.config import DataConfig, ScenarioError
 from fedsim.data.base import DATASETS, DomainSplit, MultiDomainDataset
+from fedsim.data.config import DataConfig
 from fedsim.data.loaders._files import DataSource, Options, download_error, resolve_root, select_domains, to_rgb_uint8
+from fedsim.schema import ScenarioError
 
 NAME = "digits-five"
 DOMAINS = ("mnist", "usps", "svhn", "mnistm", "syn")

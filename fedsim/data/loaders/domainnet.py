@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.config import DataConfig, ScenarioError
 from fedsim.data.base import DATASETS, DomainSplit, MultiDomainDataset
+from fedsim.data.config import DataConfig
 from fedsim.data.loaders._files import DataSource, ImageFileArray, Options, maybe_preload, resolve_root, select_domains
+from fedsim.schema import ScenarioError
 
 NAME = "domainnet"
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")

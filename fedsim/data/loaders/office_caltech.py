@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedsim.config import DataConfig
 from fedsim.data.base import DATASETS, DomainSplit, MultiDomainDataset
+from fedsim.data.config import DataConfig
 from fedsim.data.loaders._files import (
     DataSource,
     ImageFileArray,

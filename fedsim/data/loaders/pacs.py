@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.config import DataConfig, ScenarioError
 from fedsim.data.base import DATASETS, DomainSplit, MultiDomainDataset
+from fedsim.data.config import DataConfig
 from fedsim.data.loaders._files import (
     DataSource,
     ImageFileArray,
@@ -31,6 +31,7 @@ from fedsim.data.loaders._files import (
     select_domains,
     stratified_split,
 )
+from fedsim.schema import ScenarioError
 
 NAME = "pacs"
 DOMAINS = ("art_painting", "cartoon", "photo", "sketch")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim.config import DataConfig, ScenarioError
 from fedsim.data.base import DATASETS, DomainSplit, MultiDomainDataset
+from fedsim.data.config import DataConfig
 from fedsim.data.loaders._files import Options
+from fedsim.schema import ScenarioError
 
 DOMAINS = ("red", "green", "blue", "gray")
 _OPTIONS = {"train_per_domain", "test_per_domain", "num_classes", "seed", "mix_domains"}
@@ -30,7 +31,7 @@ def make_toy(image_size: int = 16, train_per_domain: int = 200, test_per_domain:
         noise = 0.1 + 0.1 * k
         drng = np.random.default_rng([seed, 11, k])
 
-        def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        def sample(n: int, drng: np.random.Generator = drng, tint: np.ndarray = tint, noise: float = noise) -> tuple[np.ndarray, np.ndarray]:
             y = np.arange(n) % num_classes
             drng.shuffle(y)
             base = protos[y][..., None] * tint[None, None, None, :] * (0.5 + 0.5 * drng.random((n, 1, 1, 1)))

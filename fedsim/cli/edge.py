@@ -7,7 +7,7 @@
   the ``flwr run`` command that submits fedsim (or any Flower app) to them.
 - ``certs DIR``: self-signed certificates for ``edge.tls``.
 
-Exit codes as in :mod:`fedsim.cli`: 0 done, 1 failed or interrupted, 2 bad input.
+Exit codes as in :mod:`fedsim.cli.common`: 0 done, 1 failed or interrupted, 2 bad input.
 """
 
 from __future__ import annotations
@@ -20,7 +20,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+from rich.table import Table
+
+from fedsim import __version__
+from fedsim.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from fedsim.cli.common import console as make_console
+from fedsim.data.loading import num_clients
+from fedsim.edge.apps import PROGRESS
+from fedsim.edge.certs import make_certificates
+from fedsim.edge.config import EdgeConfig
+from fedsim.edge.dashboard import ProgressReader, render
+from fedsim.edge.processes import (
+    DEPLOYMENT_ENTRIES,
+    DeploymentError,
+    LocalDeployment,
+    TLSFiles,
+)
+from fedsim.outputs import (
+    MARKER,
+    UnsafeOutput,
+    check_location,
+    check_out_folder,
+    ownership_problem,
+    write_marker,
+)
+from fedsim.results import RunFolder
+from fedsim.scenario import load_scenario, open_run
+from fedsim.schema import ScenarioError
+from fedsim.tta.experiment import SUMMARY, print_table
 
 APP_PYPROJECT = """[build-system]
 requires = ["setuptools>=68"]
@@ -49,7 +76,6 @@ resume = false
 
 def write_app(folder: Path) -> Path:
     """A minimal Flower app folder whose components are fedsim's installed apps."""
-    from fedsim import __version__
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__))
@@ -66,8 +92,6 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     """Scenario (TLS paths made absolute) and its edge section."""
-    from fedsim.config import load_scenario
-    from fedsim.edge.config import EdgeConfig
 
     scenario = load_scenario(args.scenario, list(args.overrides))
     edge = scenario.edge or EdgeConfig()
@@ -81,27 +105,16 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def _deployment(workdir: Path, state_dir: Path, scenario: Any, edge: Any) -> Any:
     """Processes' files under ``workdir``; SuperNodes keep client state in ``state_dir``
     (the run folder, so it matches a simulation's)."""
-    from fedsim.edge.processes import LocalDeployment, TLSFiles
 
     tls = TLSFiles(Path(edge.tls.ca), Path(edge.tls.cert), Path(edge.tls.key)) if edge.tls else None
-    return LocalDeployment(workdir=workdir, num_nodes=scenario.num_clients, state_dir=state_dir, host=edge.host, port=edge.port, tls=tls)
+    return LocalDeployment(workdir=workdir, num_nodes=num_clients(scenario.data), state_dir=state_dir, host=edge.host, port=edge.port, tls=tls)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from fedsim.config import ScenarioError
-    from fedsim.edge.apps import PROGRESS
-    from fedsim.edge.config import EdgeConfig
-    from fedsim.edge.dashboard import ProgressReader
-    from fedsim.edge.processes import DeploymentError
-    from fedsim.results import RunFolder
-    from fedsim.validate import check_out_folder
-
-    console = Console()
+    console = make_console()
     try:
         if args.resume:
-            run, scenario = RunFolder.open(args.resume, lock=True)  # one writer per run folder
+            run, scenario = open_run(args.resume, lock=True)  # one writer per run folder
             edge = scenario.edge or EdgeConfig()
         else:
             if not args.scenario:
@@ -121,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     app = write_app(run_dir / "edge" / "app")
     deployment = _deployment(run_dir / "edge", run_dir, scenario, edge)
     security = "TLS (" + Path(edge.tls.ca).name + ")" if edge.tls else "insecure loopback (no TLS)"
-    console.print(f"[b]{scenario.name}[/b]: SuperLink on {deployment.address} ({security}), {scenario.num_clients} SuperNodes -> {run_dir}")
+    console.print(f"[b]{scenario.name}[/b]: SuperLink on {deployment.address} ({security}), {num_clients(scenario.data)} SuperNodes -> {run_dir}")
     reader = ProgressReader(run_dir / "edge" / PROGRESS)
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     t0 = time.perf_counter()
@@ -153,9 +166,6 @@ def _follow(console: Any, reader: Any, deployment: Any, run_id: int, edge: Any, 
     """Show progress until the cloud reports done/failed, a process dies, Flower says the
     run ended without a report, or ``timeout_s`` passes."""
     from rich.live import Live
-
-    from fedsim.edge.dashboard import render
-    from fedsim.edge.processes import DeploymentError
 
     deadline = time.time() + timeout_s
     next_status = time.time() + 5
@@ -207,12 +217,7 @@ def _print_event(console: Any, ev: dict[str, Any]) -> None:
 
 
 def _print_results(console: Any, run_dir: Path) -> None:
-    from rich.table import Table
-
-    from fedsim.results import RunFolder
-    from fedsim.tta.experiment import SUMMARY, print_table
-
-    run, scenario = RunFolder.open(run_dir)
+    run, scenario = open_run(run_dir)
     records = run.read_metrics()
     if records:
         last = records[-1]
@@ -231,14 +236,7 @@ def _print_results(console: Any, run_dir: Path) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from fedsim.config import ScenarioError
-    from fedsim.edge.processes import DEPLOYMENT_ENTRIES, DeploymentError
-    from fedsim.outputs import UnsafeOutput, check_location
-    from fedsim.validate import check_out_folder
-
-    console = Console()
+    console = make_console()
     try:
         scenario, edge = _load(args)
         check_out_folder(args.out or Path("runs") / f"{scenario.name}-deployment")
@@ -258,7 +256,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         deployment.start(edge.startup_timeout_s)
-        console.print(f"SuperLink on {deployment.address} with {scenario.num_clients} SuperNodes; Ctrl-C stops them all.")
+        console.print(f"SuperLink on {deployment.address} with {num_clients(scenario.data)} SuperNodes; Ctrl-C stops them all.")
         console.print("Submit fedsim's app from the repository root with Flower's CLI:")
         console.print(
             f"  FLWR_HOME={deployment.flwr_home} flwr run . fedsim-edge --stream "
@@ -280,15 +278,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedsim.edge.certs import make_certificates
-    from fedsim.outputs import (
-        MARKER,
-        UnsafeOutput,
-        check_location,
-        ownership_problem,
-        write_marker,
-    )
-
     out = Path(args.dir)
     try:  # only certificates fedsim wrote are replaced, only in a folder holding nothing else
         check_location(out, "certificates")
@@ -306,27 +295,3 @@ def cmd_certs(args: argparse.Namespace) -> int:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     print(f"use them in a scenario:\n  edge:\n    tls: {{ca: {paths['ca']}, cert: {paths['cert']}, key: {paths['key']}}}")
     return EXIT_OK
-
-
-def add_parser(sub: Any) -> None:
-    from fedsim.cli import add_run_arguments  # fedsim.cli imports this module lazily
-
-    p = sub.add_parser("edge", help="the edge demo on Flower's deployment runtime (SuperLink + SuperNodes)")
-    esub = p.add_subparsers(dest="edge_command", required=True)
-    d = esub.add_parser("demo", help="start SuperLink + SuperNodes, run the scenario with flwr run, live view, stop all")
-    add_run_arguments(d, out_help="run folder (default runs/<name>-edge)", resume_help="continue an interrupted demo from its last checkpoint")
-    d.add_argument("--no-live", dest="live", action="store_false", help="print progress lines instead of the live view")
-    d.set_defaults(func=cmd_demo)
-    u = esub.add_parser("up", help="start SuperLink + SuperNodes for a scenario and wait (Ctrl-C stops)")
-    u.add_argument("scenario")
-    u.add_argument("overrides", nargs="*")
-    u.add_argument("--out", help="working folder (default runs/<name>-deployment)")
-    u.set_defaults(func=cmd_up)
-    c = esub.add_parser("certs", help="self-signed CA and server certificate for edge.tls")
-    c.add_argument("dir")
-    c.add_argument("--days", type=int, default=30)
-    c.add_argument("--overwrite", action="store_true")
-    c.set_defaults(func=cmd_certs)
-
-
-__all__ = ["add_parser", "write_app"]
