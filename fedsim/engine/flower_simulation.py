@@ -40,7 +40,9 @@ class FlowerSimulationUnavailable(RuntimeError):
 
 
 class _SimulationEntry(Protocol):
-    def __call__(self, server_app: ServerApp, client_app: ClientApp, num_supernodes: int, backend_config: dict[str, Any]) -> None: ...
+    def __call__(
+        self, server_app: ServerApp, client_app: ClientApp, num_supernodes: int, backend_config: dict[str, Any]
+    ) -> None: ...
 
 
 class DropRunSimulationDeprecation(logging.Filter):
@@ -84,11 +86,15 @@ def simulation_entry() -> _SimulationEntry:
     return run_simulation
 
 
-def run_flower_simulation(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, backend_config: dict[str, Any]) -> None:
+def run_flower_simulation(
+    server_app: ServerApp, client_app: ClientApp, num_supernodes: int, backend_config: dict[str, Any]
+) -> None:
     """Flower's simulation engine (Ray backend) in this process, without its deprecation notice."""
     run_simulation = simulation_entry()
     with quiet_run_simulation_deprecation():
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend_config)
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend_config
+        )
 
 
 __all__ = [
