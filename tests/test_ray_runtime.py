@@ -21,6 +21,7 @@ from conftest import TEST_TOKEN_ENV, describe, stop_pids, write_scenario
 
 from fedsim.cli import main
 from fedsim.cli.edge import write_app
+from fedsim.data.loading import num_clients
 from fedsim.edge.processes import CONNECTION, LocalDeployment, processes_with_token
 from fedsim.scenario import load_scenario
 
@@ -212,7 +213,7 @@ def test_fedsim_app_on_flowers_simulation_runtime_matches_inline(toy_yaml, tmp_p
     docs/edge.md): Flower's simulated SuperNodes give the inline runtime's metrics, the run
     installs no dependencies, and no process outlives the SuperLink."""
     assert main(["run", str(toy_yaml), "runtime.num_threads=1", "--out", str(tmp_path / "inline")]) == 0
-    clients = load_scenario(str(toy_yaml)).num_clients
+    clients = num_clients(load_scenario(str(toy_yaml)).data)
     run_dir = (tmp_path / "flower").resolve()
     with LocalDeployment(workdir=tmp_path / "link", num_nodes=clients, state_dir=run_dir, simulation=True) as link:
         link.start()
