@@ -17,20 +17,14 @@ from rich.table import Table
 
 from fedsim.cli.adapt import adapt_after_run
 from fedsim.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadInput, console, error, fmt, quiet_libraries
-from fedsim.config import Scenario
 from fedsim.data.loading import num_clients
 from fedsim.engine.runtimes import RUNTIMES
 from fedsim.engine.server import RunFailure
 from fedsim.outputs import check_out_folder
-from fedsim.results import RunFolder, plot_accuracy, summarize
+from fedsim.results import RunFolder, describe, plot_accuracy, summarize
 from fedsim.scenario import load_scenario, new_run, open_run
 from fedsim.schema import ScenarioError
 from fedsim.tracking.sinks import build_trackers
-
-
-def describe(scenario: Scenario) -> str:
-    """What a title names: the scenario, its strategy, rounds and seed."""
-    return f"{scenario.name} ({scenario.strategy.name}, {scenario.rounds} rounds, seed {scenario.seed})"
 
 
 def _progress(out: Console, total_rounds: int, done: int) -> tuple[Progress, Callable[[dict[str, Any]], None]]:
