@@ -39,6 +39,8 @@ RULES: list[tuple[str, str]] = [
     ("python -c", "converts a downloaded dataset (no downloads here)"),
     (r"PYTHONPATH=\. fedsim run my-scenario\.yaml", "needs the files of docs/extending.md's worked examples: tests/test_docs_extending.py writes them and runs this line"),
     ("FLWR_HOME=", "Flower's CLI against a SuperLink that `fedsim edge up` keeps running until Ctrl-C"),
+    (r"(export FLWR_HOME=|mkdir -p '?\$FLWR_HOME|flower-superlink --simulation|cat '>' '?\$FLWR_HOME|flwr run \. sim )",
+     "fedsim's app on Flower's simulation SuperLink (a server process); tests/engine/test_ray_runtime.py::test_fedsim_app_on_flowers_simulation_runtime_matches_inline runs this sequence"),
     ("fedsim edge demo", "starts a SuperLink and SuperNode processes (minutes); tests/edge/test_edge.py runs it (marker edge)"),
     ("fedsim edge up", "runs a SuperLink and SuperNodes until Ctrl-C"),
     (r"fedsim adapt .* --model runs/bench-tta/source", "adapts runs/bench-tta/source, made by `python benchmarks/tta.py` (skipped above)"),
@@ -84,6 +86,11 @@ def commands(doc: Path) -> list[Command]:
         lines = block.group(1).split("\n")
         i = 0
         while i < len(lines):
+            heredoc = re.search(r"<<-?'?(\w+)'?", lines[i])
+            if heredoc:  # the here-document's lines are the command's input, not commands
+                end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == heredoc.group(1)), len(lines) - 1)
+                lines[i] = lines[i][: heredoc.start()]
+                del lines[i + 1 : end + 1]
             start, joined = i, lines[i]
             while joined.rstrip().endswith("\\") and i + 1 < len(lines):
                 i += 1
@@ -93,6 +100,15 @@ def commands(doc: Path) -> list[Command]:
                 words = shlex.split(part, comments=True)
                 if words:
                     out.append(Command(doc.relative_to(ROOT).as_posix(), first + start, shlex.join(words)))
+    return out
+
+
+def expand_globs(words: list[str], cwd: Path) -> list[str]:
+    """Wildcards expanded as the shell would (sorted; a pattern matching nothing stays)."""
+    out = []
+    for w in words:
+        matches = sorted(str(p.relative_to(cwd)) + ("/" if w.endswith("/") else "") for p in cwd.glob(w)) if any(c in w for c in "*?[") else []
+        out.extend(matches or [w])
     return out
 
 
@@ -142,7 +158,7 @@ def _run_doc(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys)
         if why is not None or not cmd.text.startswith("fedsim "):
             print(f"not run: {cmd} ({why})")
             continue
-        argv = tiny(shlex.split(cmd.text), cwd)
+        argv = tiny(expand_globs(shlex.split(cmd.text), cwd), cwd)
         code = fedsim_main(argv[1:])
         out = capsys.readouterr()
         assert code == 0, f"{cmd}\n  ran as: {shlex.join(argv)}\n  exit code {code}\n{out.err[-2000:]}"
