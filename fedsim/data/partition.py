@@ -75,7 +75,15 @@ def _iid_shards(indices: np.ndarray, parts: int, rng: np.random.Generator) -> li
     return [np.sort(s) for s in np.split(perm, cuts)]
 
 
-def _dirichlet_shards(labels: np.ndarray, indices: np.ndarray, parts: int, alpha: float, rng: np.random.Generator, min_size: int, tries: int = 100) -> list[np.ndarray]:
+def _dirichlet_shards(
+    labels: np.ndarray,
+    indices: np.ndarray,
+    parts: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int,
+    tries: int = 100,
+) -> list[np.ndarray]:
     """Label-skewed shards: for each class, Dirichlet(alpha) proportions over the clients.
     Redrawn (seeded) until every client has at least ``min_size`` samples."""
     classes = np.unique(labels[indices])
@@ -90,10 +98,20 @@ def _dirichlet_shards(labels: np.ndarray, indices: np.ndarray, parts: int, alpha
         out = [np.sort(np.concatenate(s)) if s else np.empty(0, np.int64) for s in shards]
         if min(len(s) for s in out) >= min_size:
             return out
-    raise PartitionError(f"dirichlet alpha={alpha} leaves a client with fewer than {min_size} samples after {tries} draws; raise data.alpha or lower data.clients_per_domain")
+    raise PartitionError(
+        f"dirichlet alpha={alpha} leaves a client with fewer than {min_size} samples after {tries} draws; raise data.alpha or lower data.clients_per_domain"
+    )
 
 
-def _label_shards(cfg: DataConfig, labels: np.ndarray, indices: np.ndarray, parts: int, rng: np.random.Generator, min_size: int, where: str) -> list[np.ndarray]:
+def _label_shards(
+    cfg: DataConfig,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    parts: int,
+    rng: np.random.Generator,
+    min_size: int,
+    where: str,
+) -> list[np.ndarray]:
     """``parts`` disjoint index arrays (subsets of ``indices``) by ``cfg.partition``."""
     if cfg.partition == "iid":
         return _iid_shards(indices, parts, rng)
@@ -101,14 +119,20 @@ def _label_shards(cfg: DataConfig, labels: np.ndarray, indices: np.ndarray, part
         return _dirichlet_shards(labels, indices, parts, cfg.alpha, rng, min_size)
     pool = labels[indices]
     if cfg.partition == "pathological":
-        positions = partitioners.pathological(pool, parts, int(cfg.num_classes_per_partition or 0), cfg.class_assignment_mode or "random", rng, where)
+        positions = partitioners.pathological(
+            pool, parts, int(cfg.num_classes_per_partition or 0), cfg.class_assignment_mode or "random", rng, where
+        )
     elif cfg.partition == "shard":
-        positions = partitioners.shard(pool, parts, cfg.num_shards_per_partition, cfg.shard_size, bool(cfg.keep_incomplete_shard), rng, where)
+        positions = partitioners.shard(
+            pool, parts, cfg.num_shards_per_partition, cfg.shard_size, bool(cfg.keep_incomplete_shard), rng, where
+        )
     elif cfg.partition in partitioners.SIZE_FUNCTIONS or cfg.partition == "size":
         if cfg.partition == "size":
             sizes = list(cfg.partition_sizes or [])
             if len(sizes) != parts:
-                raise PartitionError(f"data.partition_sizes: needs one size per client ({parts}{where}), got {len(sizes)}")
+                raise PartitionError(
+                    f"data.partition_sizes: needs one size per client ({parts}{where}), got {len(sizes)}"
+                )
         else:
             sizes = partitioners.id_to_size(len(pool), parts, cfg.partition, where).tolist()
         # flwr-datasets cuts its shuffled dataset (FederatedDataset shuffles by default).
@@ -119,7 +143,9 @@ def _label_shards(cfg: DataConfig, labels: np.ndarray, indices: np.ndarray, part
     out = [np.sort(indices[p]) for p in positions]
     for k, p in enumerate(out):
         if len(p) < min_size:
-            raise PartitionError(f"data.partition: {cfg.partition} gives client {k}{where} {len(p)} sample(s), fewer than the {min_size} a client needs (one train, one test); lower data.clients_per_domain or change its parameters")
+            raise PartitionError(
+                f"data.partition: {cfg.partition} gives client {k}{where} {len(p)} sample(s), fewer than the {min_size} a client needs (one train, one test); lower data.clients_per_domain or change its parameters"
+            )
     return out
 
 
@@ -146,7 +172,9 @@ def make_partitions(labels: dict[str, np.ndarray], cfg: DataConfig, seed: int) -
         for d in domains:
             idx = np.arange(len(labels[d]))
             if len(idx) < per * min_size:
-                raise PartitionError(f"data.clients_per_domain: {per} clients need at least {per * min_size} samples but domain '{d}' has {len(idx)}")
+                raise PartitionError(
+                    f"data.clients_per_domain: {per} clients need at least {per * min_size} samples but domain '{d}' has {len(idx)}"
+                )
             if cfg.partition == "by-domain":
                 parts = _iid_shards(idx, per, rng)
             else:

@@ -49,7 +49,9 @@ class InlineGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -126,7 +128,10 @@ class PartitionGrid(Grid):
         while len(list(self.inner.get_node_ids())) < expected and time.time() < deadline:
             time.sleep(0.2)
         nodes = sorted(self.inner.get_node_ids())
-        msgs = [Message(RecordDict({"config": ConfigRecord(dict(config or {}))}), dst_node_id=n, message_type=HELLO) for n in nodes]
+        msgs = [
+            Message(RecordDict({"config": ConfigRecord(dict(config or {}))}), dst_node_id=n, message_type=HELLO)
+            for n in nodes
+        ]
         for reply in self.inner.send_and_receive(msgs, timeout=wait_s):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
@@ -144,7 +149,9 @@ class PartitionGrid(Grid):
     def run(self) -> Run:
         return self.inner.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -175,7 +182,9 @@ class PartitionGrid(Grid):
         out = []
         for reply in replies:
             # Metadata has no public setter for the source; strategies must see partition ids.
-            reply.metadata.__dict__["_src_node_id"] = self._to_partition.get(reply.metadata.src_node_id, reply.metadata.src_node_id)
+            reply.metadata.__dict__["_src_node_id"] = self._to_partition.get(
+                reply.metadata.src_node_id, reply.metadata.src_node_id
+            )
             if reply.has_content():
                 payload, wire = _content_bytes(reply.content)
                 self.traffic.up += payload
@@ -211,7 +220,9 @@ class StoppableGrid(Grid):
     def run(self) -> Run:
         return self.inner.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:

@@ -17,7 +17,12 @@ from fedsim.scenario import load_scenario, new_run
 # toy: 4 domains x 250 clients = 1,000 clients, 5 images each (4 train, 1 test)
 POPULATION = {
     "rounds": 2,
-    "data": {"dataset": "toy", "image_size": 16, "clients_per_domain": 250, "options": {"train_per_domain": 1250, "test_per_domain": 20}},
+    "data": {
+        "dataset": "toy",
+        "image_size": 16,
+        "clients_per_domain": 250,
+        "options": {"train_per_domain": 1250, "test_per_domain": 20},
+    },
     "client": {"lr": 0.05, "batch_size": 4},
     "evaluation": {"every": 2, "per_client": True, "per_domain": True},
 }

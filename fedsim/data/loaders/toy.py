@@ -18,7 +18,14 @@ DOMAINS = ("red", "green", "blue", "gray")
 _OPTIONS = {"train_per_domain", "test_per_domain", "num_classes", "seed", "mix_domains"}
 
 
-def make_toy(image_size: int = 16, train_per_domain: int = 200, test_per_domain: int = 60, num_classes: int = 4, seed: int = 0, domains: tuple[str, ...] = DOMAINS) -> MultiDomainDataset:
+def make_toy(
+    image_size: int = 16,
+    train_per_domain: int = 200,
+    test_per_domain: int = 60,
+    num_classes: int = 4,
+    seed: int = 0,
+    domains: tuple[str, ...] = DOMAINS,
+) -> MultiDomainDataset:
     rng = np.random.default_rng([seed, 7])
     protos = rng.random((num_classes, 8, 8)) > 0.5
     reps = -(-image_size // 8)
@@ -31,7 +38,9 @@ def make_toy(image_size: int = 16, train_per_domain: int = 200, test_per_domain:
         noise = 0.1 + 0.1 * k
         drng = np.random.default_rng([seed, 11, k])
 
-        def sample(n: int, drng: np.random.Generator = drng, tint: np.ndarray = tint, noise: float = noise) -> tuple[np.ndarray, np.ndarray]:
+        def sample(
+            n: int, drng: np.random.Generator = drng, tint: np.ndarray = tint, noise: float = noise
+        ) -> tuple[np.ndarray, np.ndarray]:
             y = np.arange(n) % num_classes
             drng.shuffle(y)
             base = protos[y][..., None] * tint[None, None, None, :] * (0.5 + 0.5 * drng.random((n, 1, 1, 1)))
@@ -41,7 +50,15 @@ def make_toy(image_size: int = 16, train_per_domain: int = 200, test_per_domain:
         xtr, ytr = sample(train_per_domain)
         xte, yte = sample(test_per_domain)
         out[name] = DomainSplit(xtr, ytr, xte, yte)
-    return MultiDomainDataset("toy", out, num_classes, image_size, 3, [str(i) for i in range(num_classes)], "random class patterns, per-domain tint and noise")
+    return MultiDomainDataset(
+        "toy",
+        out,
+        num_classes,
+        image_size,
+        3,
+        [str(i) for i in range(num_classes)],
+        "random class patterns, per-domain tint and noise",
+    )
 
 
 @DATASETS.register("toy")
