@@ -167,9 +167,10 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
     adapters = {
         "alpha_bn": AlphaBN(model, a=0.1),
         "unmix_tns": UnMixTNS(model, num_components=16),
-        # edge only: the cloud runs when `cloud_batch` uploads are pending, which never
-        # happens here; the pending uploads are dropped after each timed batch.
-        "cema_edge": CEMA(model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0),
+        # edge only, official default normalization (tbr: BatchRenorm, running statistics
+        # set by the first batch): the cloud runs when `cloud_batch` uploads are pending,
+        # which never happens here; the pending uploads are dropped after each timed batch.
+        "cema_edge": CEMA(model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0, normalization="tbr"),
         # the same edge uploading every sample: bounds what the uint8 packing can add
         "cema_edge_upload_all": CEMA(model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0, upload_all=True),
         # the edge keeping the source statistics (normalization: source): forward + filter only

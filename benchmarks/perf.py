@@ -199,14 +199,14 @@ def target4(rep: Report, reps: int, device: str, processes: int) -> None:
     pooled = {k: [r for run in runs for r in run["ratios_all"][k]] for k in names}
     ms = {k: med([run["per_batch_ms"][k] for run in runs]) for k in ["plain", *names]}
     limits = {"alpha_bn": 1.10, "unmix_tns": 1.5, "cema_edge": 1.10}
-    labels = {"alpha_bn": "alpha-BN", "unmix_tns": "UnMix-TNS (K=16)", "cema_edge": "CEMA edge (forward + filtering, no cloud)"}
+    labels = {"alpha_bn": "alpha-BN", "unmix_tns": "UnMix-TNS (K=16)", "cema_edge": "CEMA edge (official default `normalization: tbr`; forward + filtering, no cloud)"}
     for k, lim in limits.items():
         v = med(pooled[k])
         rep.add(Row(f"4. {labels[k]} / plain inference, per batch of 64", f"{v:.3f}", f"<= {lim:.2f}", verdict(v <= lim), f"{ms[k]:.2f} ms vs {ms['plain']:.2f} ms; load {load()}"))
     reported = {
         "cema_edge_upload_all": ("4b. CEMA edge uploading every sample (`upload_all`)", "upper bound of what packing uploads as uint8 adds"),
-        "cema_edge_source_bn": ("4b. CEMA edge keeping source BN statistics (`edge_bn: source`)", "forward + filter, no statistics pass"),
-        "tbn": ("4b. TBN (test-batch statistics, no filter)", "the statistics pass CEMA's default edge (`edge_bn: batch`) includes"),
+        "cema_edge_source_bn": ("4b. CEMA edge keeping the source BatchNorms (`normalization: source`)", "forward + filter, no statistics pass"),
+        "tbn": ("4b. TBN (test-batch statistics, no filter)", "the statistics pass CEMA's former variant (`normalization: batch`) included"),
     }
     for k, (label, note) in reported.items():
         rep.add(Row(f"{label} / plain inference", f"{med(pooled[k]):.3f}", "reported", "REPORTED", f"{ms[k]:.2f} ms; {note}"))
