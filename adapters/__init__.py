@@ -13,7 +13,7 @@ from torch import nn
 from fedsim.adapters.base import Adapter, SplitAdapter, adapter_settings
 from fedsim.registry import Registry, RegistryError
 
-ADAPTERS: Registry = Registry("adapter", "fedsim.adapters")
+ADAPTERS: Registry = Registry("adapter", "fedsim.adapters", entry_points="fedsim.adapters")
 
 
 def adapter_class(name: str) -> type[Adapter]:

@@ -32,11 +32,23 @@ class Adapter:
     constructor arguments with defaults; an unknown one raises ``TypeError`` naming it.
     Subclasses implement :meth:`prepare` (turn the copied model into the adapted form) and
     :meth:`_predict_and_adapt`, and may extend :meth:`reset` / :meth:`metrics`.
+    :meth:`predict_and_adapt` is final: it checks the batch and keeps the counters that
+    ``adaptation_summary.json`` reports (a subclass overriding it is a ``TypeError``).
     """
 
     name: ClassVar[str] = ""
     needs_grad: ClassVar[bool] = False
     changes: ClassVar[str] = "nothing"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # An override would silently bypass the batch check and the counters (samples,
+        # batches, seconds read as 0 in adaptation_summary.json): refuse it at class creation.
+        if "predict_and_adapt" in vars(cls):
+            raise TypeError(
+                f"{cls.__module__}.{cls.__qualname__} overrides predict_and_adapt; implement "
+                "_predict_and_adapt(x) instead (predict_and_adapt checks the batch and counts samples, batches and time, then calls it)"
+            )
 
     def __init__(self, model: nn.Module) -> None:
         self.model = self.prepare(copy.deepcopy(model))

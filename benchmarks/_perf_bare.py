@@ -48,7 +48,7 @@ def local_train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 
     Written out again on purpose rather than calling fedsim's ClientRuntime._fit: this is
     the plain-PyTorch baseline fedsim is measured against, and the benchmark's step count
-    check (tests/test_perf_benchmark.py) compares two independent implementations."""
+    check (tests/benchmarks/test_perf_benchmark.py) compares two independent implementations."""
     c = sc.client
     model.train()
     gen = torch.Generator().manual_seed(seed)

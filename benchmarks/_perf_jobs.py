@@ -61,11 +61,10 @@ def fedsim_run(args: dict[str, Any]) -> dict[str, Any]:
     """FederatedRun on the scenario's runtime (inline or ray); counts optimizer steps and
     records the end time of every round (checkpoint written)."""
     import fedsim.engine.server as server
+    from fedsim.data import loading
     from fedsim.engine.client import ClientRuntime
     from fedsim.engine.runtimes import RUNTIMES
     from fedsim.results import RunFolder
-
-    from fedsim.data import loading
 
     _quiet()
     memory = {"imports": rss_now()}

@@ -15,8 +15,9 @@ created.
 
 A replaced folder is first renamed to a hidden sibling and only then deleted, so a crash in
 between leaves it whole. Single files fedsim writes where the user points (the report's
-plot and table, the data grid) are replaced only when fedsim wrote them: PNGs carry
-``Software: fedsim ...`` in their metadata, the markdown table a first-line comment.
+plot, table and numbers, the data grid) are replaced only when fedsim wrote them: PNGs carry
+``Software: fedsim ...`` in their metadata, the markdown table a first-line comment, the
+report's JSON ``"written_by": "fedsim report"``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fedsim.schema import ScenarioError, short_source
 MARKER = ".fedsim"
 PNG_SOFTWARE = f"fedsim {__version__}"  # PNG metadata of every plot fedsim writes
 MD_HEADER = "<!-- written by fedsim report -->"
+JSON_WRITER = "fedsim report"  # the "written_by" of report.json
 
 # Top-level entries each kind of folder may hold (besides the marker and atomic-write temps).
 ADAPTATION_ENTRIES = frozenset({"adaptation.yaml", "adaptation.jsonl", "adaptation_summary.json", "adaptation.png"})
@@ -177,6 +179,14 @@ def md_written_by_fedsim(path: Path) -> bool:
             return fh.readline().strip() == MD_HEADER
     except (OSError, UnicodeDecodeError):
         return False
+
+
+def json_written_by_fedsim(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("written_by") == JSON_WRITER
 
 
 def check_file_target(path: Path, overwrite: bool, owned: bool | None = None) -> None:

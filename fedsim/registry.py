@@ -1,6 +1,9 @@
 """Name -> object registries with plug-in resolution by import path.
 
-A registry maps short names to classes or factories. Anything not registered can be
+A registry maps short names to classes or factories. Short names come from fedsim's own
+modules and from Python entry points that installed packages declare (group
+``fedsim.strategies``, ``fedsim.adapters``, ``fedsim.datasets`` or ``fedsim.models``; an
+entry point's module is imported only when its name is looked up). Anything else can be
 named by an import path ``package.module:Attribute``; fedsim imports only paths a user
 wrote in a scenario (never anything read from a checkpoint).
 """
@@ -8,6 +11,7 @@ wrote in a scenario (never anything read from a checkpoint).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import pkgutil
@@ -67,12 +71,17 @@ class Registry(Generic[T]):
 
     ``package`` names a package whose modules are imported on first lookup so that
     their ``@registry.register(...)`` decorators run (one module per method).
+    ``entry_points`` names the entry-point group through which installed packages add
+    short names (``[project.entry-points."fedsim.strategies"] mine = "mypkg.mod:Mine"``):
+    listed on first lookup, imported when their name is looked up.
     """
 
-    def __init__(self, kind: str, package: str | None = None) -> None:
+    def __init__(self, kind: str, package: str | None = None, entry_points: str | None = None) -> None:
         self.kind = kind
         self._package = package
+        self._group = entry_points
         self._items: dict[str, T] = {}
+        self._entry_points: dict[str, importlib.metadata.EntryPoint] | None = None
         self._loaded = package is None
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -93,19 +102,49 @@ class Registry(Generic[T]):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{self._package}.{info.name}")
 
+    def _declared(self, refresh: bool = False) -> dict[str, importlib.metadata.EntryPoint]:
+        """Entry points of this registry's group (read once; ``refresh`` reads them again,
+        for a package installed after the first lookup). fedsim's own names come first."""
+        if self._group is None:
+            return {}
+        if self._entry_points is None or refresh:
+            found: dict[str, importlib.metadata.EntryPoint] = {}
+            for ep in importlib.metadata.entry_points(group=self._group):
+                found.setdefault(ep.name, ep)  # the first on sys.path wins, as for imports
+            self._entry_points = found
+        return self._entry_points
+
+    def _from_entry_point(self, name: str) -> T | None:
+        """Import the entry point named ``name`` and register what it names under that name."""
+        ep = self._declared().get(name) or self._declared(refresh=True).get(name)
+        if ep is None:
+            return None
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plug-in is the user's bad input, named in one line
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RegistryError(f"{self.kind} '{name}': entry point '{ep.value}' (group {self._group}) failed to load ({detail})") from None
+        if name in self._items and self._items[name] is not obj:  # its module registered another object under this name
+            raise RegistryError(f"{self.kind} '{name}' is registered twice (entry point '{ep.value}' names another object)")
+        self._items[name] = obj
+        return obj
+
     def names(self) -> list[str]:
         self._load()
-        return sorted(self._items)
+        return sorted(set(self._items) | set(self._declared()))
 
     def __contains__(self, name: str) -> bool:
         self._load()
-        return name in self._items
+        return name in self._items or name in self._declared()
 
     def get(self, name: str) -> T:
-        """Return the registered object, or import ``name`` if it is an import path."""
+        """Return the registered object (fedsim's own, then an installed package's entry
+        point), or import ``name`` if it is an import path."""
         self._load()
         if name in self._items:
             return self._items[name]
+        if ":" not in name and (obj := self._from_entry_point(name)) is not None:
+            return obj
         if ":" in name or "." in name:
             return import_object(name)  # type: ignore[return-value]
         known = ", ".join(self.names()) or "none"

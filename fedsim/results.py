@@ -25,6 +25,13 @@ from fedsim.outputs import create_folder, ownership_problem, remove_owned
 from fedsim.runlock import LOCK_FILE, FolderLocked, lock_folder, unlock_folder
 from fedsim.schema import ScenarioError
 
+ADAPTATION_SUMMARY = "adaptation_summary.json"  # written by fedsim.tta.experiment; read by reports and sweeps
+
+
+def describe(scenario: Scenario) -> str:
+    """What a title names: the scenario, its strategy, rounds and seed."""
+    return f"{scenario.name} ({scenario.strategy.name}, {scenario.rounds} rounds, seed {scenario.seed})"
+
 
 class MetricsError(ScenarioError):
     """A metrics.jsonl line that is not a record (one line naming file and line)."""

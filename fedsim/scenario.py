@@ -46,6 +46,7 @@ from fedsim.registry import RegistryError, constructor_params
 from fedsim.results import RunFolder
 from fedsim.schema import ScenarioError, did_you_mean, fail, short_repr, short_source, validation_error_line
 from fedsim.strategies import STRATEGIES
+from fedsim.tracking.config import TrackingConfig
 from fedsim.tracking.sinks import check_tracking
 from fedsim.tta.config import CLEAN, INJECTED, AdaptationConfig
 from fedsim.tta.corruptions import CORRUPTIONS
@@ -78,10 +79,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with each override set: ``key.sub=value`` texts (values parsed as YAML
+    scalars) or, from Python, a mapping ``{"key.sub": value}`` (values taken as they are)."""
     out = copy.deepcopy(raw)
-    for text in overrides:
-        path, value = parse_override(text)
+    if isinstance(overrides, dict):
+        items = []
+        for key, value in overrides.items():
+            text = f"{key}={short_repr(value)}"
+            if not isinstance(key, str) or not key.strip() or any(not part for part in key.strip().split(".")):
+                raise ScenarioError(f"override {short_repr(key)}: expected a key like section.sub")
+            items.append((key.strip().split("."), copy.deepcopy(value), text))
+    else:
+        items = [(*parse_override(text), text) for text in overrides]
+    for path, value, text in items:
         node = out
         for part in path[:-1]:
             child = node.get(part)
@@ -165,12 +176,37 @@ def build_scenario(raw: dict[str, Any], source: str) -> Scenario:
     return scenario
 
 
-def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+def load_scenario(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Scenario:
     """Read, override and validate a scenario; raise ScenarioError with one line."""
     path = Path(path)
     raw = read_yaml(path)
     raw = apply_overrides(raw, overrides or [])
     return build_scenario(raw, str(path))
+
+
+def adaptation_from_raw(raw: dict[str, Any], source: str) -> tuple[str, AdaptationConfig, TrackingConfig]:
+    """An adapt scenario (already read and overridden) validated against the schema; return
+    (name, adaptation, tracking).
+
+    Only ``name``, ``adaptation`` and ``tracking`` are used by ``fedsim adapt`` (data, model and strategy
+    come from the model run, which :func:`check_adaptation` checks it against), so the
+    registry/data checks of the other sections are skipped; every key is still validated.
+    """
+    try:
+        scenario = Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise ScenarioError(validation_error_line(source, exc, Scenario)) from None
+    if scenario.adaptation is None:
+        raise ScenarioError(f"{source}: adaptation: required key is missing (fedsim adapt needs an adaptation section)")
+    check_cuda(scenario.adaptation.device, "adaptation.device", source)  # before the model run is opened
+    check_tracking(scenario.tracking, source)
+    return scenario.name, scenario.adaptation, scenario.tracking
+
+
+def load_adaptation_file(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> tuple[str, AdaptationConfig, TrackingConfig]:
+    """Read an adapt scenario file, override and validate it (:func:`adaptation_from_raw`)."""
+    path = Path(path)
+    return adaptation_from_raw(apply_overrides(read_yaml(path), overrides or []), str(path))
 
 
 # -- late checks ---------------------------------------------------------------------------

@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedsim import __version__
 from fedsim.arrays import atomic_write_bytes
 from fedsim.outputs import (
@@ -60,11 +58,11 @@ from fedsim.outputs import (
     marker_kind,
     ownership_problem,
 )
-from fedsim.results import RunFolder
+from fedsim.report import pm, run_numbers, stats
+from fedsim.results import ADAPTATION_SUMMARY, RunFolder
 from fedsim.runlock import FolderLocked, lock_folder, unlock_folder
 from fedsim.scenario import load_scenario, parse_override
 from fedsim.schema import ScenarioError, short_repr
-from fedsim.tta.experiment import SUMMARY as ADAPTATION_SUMMARY
 
 __all__ = [
     "Axis", "Runner", "SweepInterrupted", "SweepRun", "SweepSpec", "aggregate", "markdown_table", "parse_seeds", "parse_sweep_args",
@@ -300,36 +298,17 @@ def check_run_folder(run: SweepRun) -> None:
 
 
 def run_metrics(run: SweepRun) -> dict[str, Any]:
-    """A finished run's numbers from its metrics.jsonl (and adaptation summary): final and
-    best mean test accuracy, MB up/down, each adapter's online error."""
-    records = RunFolder(run.folder).read_metrics()
-    evaluated = [r for r in records if r.get("accuracy") is not None]
-    out: dict[str, Any] = {
-        "final_round": evaluated[-1]["round"] if evaluated else None,
-        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
-        "best_accuracy": max(r["accuracy"] for r in evaluated) if evaluated else None,
-        "mb_up": records[-1]["bytes_up_total"] / 1e6 if records else None,
-        "mb_down": records[-1]["bytes_down_total"] / 1e6 if records else None,
-    }
-    if run.adapts and (run.folder / ADAPTATION_SUMMARY).is_file():
-        results = json.loads((run.folder / ADAPTATION_SUMMARY).read_text())["results"]
-        out["online_error"] = {label: entry["error"] for label, entry in results.items()}
-    return out
+    """A finished run's numbers (:func:`fedsim.report.run_numbers`: final and best mean test
+    accuracy, final per-domain accuracy, MB up/down, each adapter's online error)."""
+    return run_numbers(run.folder, adaptation=run.adapts)
 
 
 # -- aggregation -------------------------------------------------------------------------
 
 
-def _stats(values: list[float | None]) -> dict[str, Any]:
-    """Mean and population std (ddof=0) of the values that exist; n counts them."""
-    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
-
-
 def aggregate(spec: SweepSpec, runs: list[SweepRun]) -> list[dict[str, Any]]:
-    """Per point: its values, each run's status and numbers, and mean/std over the finished seeds."""
+    """Per point: its values, each run's status and numbers, and mean/std over the finished
+    seeds (:func:`fedsim.report.stats`, as ``fedsim report`` aggregates a group)."""
     points = grid(spec)
     out = []
     for index, params in enumerate(points):
@@ -341,17 +320,13 @@ def aggregate(spec: SweepSpec, runs: list[SweepRun]) -> list[dict[str, Any]]:
             "labels": dict(params),
             "runs": [{"seed": r.seed, "folder": r.folder.name, "status": r.status, **r.metrics} for r in mine],
             "seeds_done": len(done),
-            "final_accuracy": _stats([m.get("final_accuracy") for m in done]),
-            "best_accuracy": _stats([m.get("best_accuracy") for m in done]),
-            "mb_up": _stats([m.get("mb_up") for m in done]),
-            "mb_down": _stats([m.get("mb_down") for m in done]),
-            "online_error": {a: _stats([m.get("online_error", {}).get(a) for m in done]) for a in adapters},
+            "final_accuracy": stats([m.get("final_accuracy") for m in done]),
+            "best_accuracy": stats([m.get("best_accuracy") for m in done]),
+            "mb_up": stats([m.get("mb_up") for m in done]),
+            "mb_down": stats([m.get("mb_down") for m in done]),
+            "online_error": {a: stats([m.get("online_error", {}).get(a) for m in done]) for a in adapters},
         })
     return out
-
-
-def _pm(stats: dict[str, Any], digits: int = 4) -> str:
-    return "-" if stats["mean"] is None else f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def markdown_table(spec: SweepSpec, points: list[dict[str, Any]], title: str) -> str:
@@ -372,8 +347,8 @@ def markdown_table(spec: SweepSpec, points: list[dict[str, Any]], title: str) ->
     for p in points:
         failed = sum(r["status"] == "failed" for r in p["runs"])
         cells = [*(p["labels"][k] for k in keys), f"{p['seeds_done']}/{len(p['runs'])}" + (f" ({failed} failed)" if failed else "")]
-        cells += [_pm(p["final_accuracy"]), _pm(p["best_accuracy"]), _pm(p["mb_up"], 2), _pm(p["mb_down"], 2)]
-        cells += [_pm(p["online_error"].get(a, {"mean": None})) for a in adapters]
+        cells += [pm(p["final_accuracy"]), pm(p["best_accuracy"]), pm(p["mb_up"], 2), pm(p["mb_down"], 2)]
+        cells += [pm(p["online_error"].get(a, {"mean": None})) for a in adapters]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

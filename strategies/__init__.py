@@ -4,6 +4,6 @@ Users may also name any Strategy subclass by import path (``package.module:Class
 
 from fedsim.registry import Registry
 
-STRATEGIES: Registry = Registry("strategy", "fedsim.strategies")
+STRATEGIES: Registry = Registry("strategy", "fedsim.strategies", entry_points="fedsim.strategies")
 
 __all__ = ["STRATEGIES"]

@@ -47,7 +47,3 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, out_help: str, resume_
     parser.add_argument("--overwrite", action="store_true", help="replace an existing fedsim run folder (never a folder holding other files)")
     parser.add_argument("--resume", metavar="RUN_FOLDER", help=resume_help)
 
-
-def fmt(value: float | None, digits: int = 4) -> str:
-    """A metric for the terminal; '-' when a round produced none."""
-    return "-" if value is None else f"{value:.{digits}f}"

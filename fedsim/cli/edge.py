@@ -293,5 +293,12 @@ def cmd_certs(args: argparse.Namespace) -> int:
     if not (out / MARKER).exists():
         write_marker(out, "certs")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    print(f"use them in a scenario:\n  edge:\n    tls: {{ca: {paths['ca']}, cert: {paths['cert']}, key: {paths['key']}}}")
+    print(tls_advice({k: Path(v).resolve() for k, v in paths.items()}))
     return EXIT_OK
+
+
+def tls_advice(paths: dict[str, Path]) -> str:
+    """How to use the certificates: absolute paths, so the lines work for a scenario file in
+    any folder (relative ``edge.tls`` paths are read relative to the scenario file)."""
+    mapping = f"{{ca: {paths['ca']}, cert: {paths['cert']}, key: {paths['key']}}}"
+    return f"use them in a scenario:\n  edge:\n    tls: {mapping}\nor on the command line:\n  fedsim edge demo scenarios/edge-demo.yaml 'edge.tls={mapping}'"

@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(sub.add_parser("list", help="registered strategies, adapters, datasets, models"), "misc:cmd_list")
 
-    rep = sub.add_parser("report", help="side-by-side table and plot of runs")
-    rep.add_argument("runs", nargs="+")
-    rep.add_argument("--out", help="plot PNG path; the table goes next to it as .md (default: report.png next to the first run)")
+    rep = sub.add_parser("report", help="compare runs: runs differing only by seed as mean ± std; table, numbers, plot")
+    rep.add_argument("runs", nargs="+", help="run folders (runs that differ only by seed form one group)")
+    rep.add_argument("--out", help="plot PNG path; the table and numbers go next to it as .md and .json (default: report.png next to the first run)")
     rep.add_argument("--overwrite", action="store_true", help="replace a report fedsim wrote there before")
     _command(rep, "misc:cmd_report")
 

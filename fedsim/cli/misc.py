@@ -17,8 +17,8 @@ from fedsim.data.loading import load_dataset, partitions
 from fedsim.data.partition_stats import count_partitions, format_counts, save_heatmap
 from fedsim.data.show import save_domain_grid
 from fedsim.models import MODELS
-from fedsim.outputs import UnsafeOutput, check_file_target
-from fedsim.report import compare_runs, report_paths, write_table
+from fedsim.outputs import check_file_target
+from fedsim.report import accuracy_table, adaptation_table, build_report, report_paths, write_report
 from fedsim.scenario import load_scenario
 from fedsim.schema import ScenarioError
 from fedsim.strategies import STRATEGIES
@@ -35,19 +35,24 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     runs = [Path(p) for p in args.runs]
     try:
-        plot_path, md_path = report_paths(runs, Path(args.out) if args.out else None, args.overwrite)
-        rows, domains, plot = compare_runs(runs, plot_path)
-    except (FileNotFoundError, ValueError, UnsafeOutput) as exc:
+        doc = build_report(runs)  # reads every run before anything is written
+        plot, table_path, numbers = report_paths(runs, Path(args.out) if args.out else None, args.overwrite)
+    except ScenarioError as exc:  # ReportError, MetricsError, UnsafeOutput: one line naming the file
         error(exc)
         return EXIT_BAD_INPUT
-    table = Table(title="fedsim report (final evaluated round)")
-    for col in ["run", "strategy", "round", *domains, "mean", "best", "MB up", "MB down"]:
-        table.add_column(col, justify="left" if col in ("run", "strategy") else "right")
-    for r in rows:
-        table.add_row(r["run"], r["strategy"], str(r["round"]), *[f"{r['per_domain'].get(d, float('nan')):.4f}" for d in domains], f"{r['accuracy']:.4f}", f"{r['best']:.4f}", f"{r['bytes_up'] / 1e6:.2f}", f"{r['bytes_down'] / 1e6:.2f}")
-    console().print(table)
-    write_table(md_path, rows, domains)
-    print(f"plot: {plot}\ntable: {md_path}")
+    out = console()
+    tables = [(f"{doc['title']}: accuracy, mean ± std over seeds", accuracy_table(doc))]
+    if (adapt := adaptation_table(doc)) is not None:
+        tables.append((f"{doc['title']}: online error, mean ± std over seeds", adapt))
+    for title, (head, rows) in tables:
+        table = Table(title=title)
+        for i, col in enumerate(head):
+            table.add_column(col, justify="left" if i == 0 or col in ("strategy", "dataset", "seeds") else "right")
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    write_report(doc, plot, table_path, numbers)
+    print(f"plot: {plot}\ntable: {table_path}\nnumbers: {numbers}")
     return EXIT_OK
 
 

@@ -56,4 +56,4 @@ class MultiDomainDataset:
 
 
 # Loaders: callable(cfg: fedsim.data.config.DataConfig) -> MultiDomainDataset
-DATASETS: Registry = Registry("dataset", "fedsim.data.loaders")
+DATASETS: Registry = Registry("dataset", "fedsim.data.loaders", entry_points="fedsim.datasets")

@@ -5,7 +5,7 @@ function below reproduces one partitioner's assignment of sample indices to part
 step by step and with the same draws from the same ``numpy.random.Generator``, so that
 ``fn(labels, ..., np.random.default_rng(42))`` gives the same index sets as the
 partitioner with ``seed=42`` on a dataset with those labels
-(``tests/test_partitioners.py`` checks this against flwr-datasets when it is installed).
+(``tests/data/test_partitioners.py`` checks this against flwr-datasets when it is installed).
 What is left out: flwr-datasets' final in-partition shuffle (fedsim permutes each client's
 samples itself) and its HuggingFace ``datasets`` plumbing.
 

@@ -106,6 +106,9 @@ class LocalDeployment:
     host: str = "127.0.0.1"
     port: int = 0
     tls: TLSFiles | None = None
+    # Flower's simulation runtime instead (``flower-superlink --simulation``, no SuperNode
+    # processes: a run's federation config gives its number of simulated nodes).
+    simulation: bool = False
     # Inherited when set, so a supervisor (e.g. a test) can find everything this demo started.
     token: str = field(default_factory=lambda: os.environ.get(TOKEN_ENV) or uuid.uuid4().hex)
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
@@ -150,10 +153,11 @@ class LocalDeployment:
         self._spawn(
             "superlink",
             [_executable("flower-superlink"), *self._security(True), "--host", self.host, "--port", str(self.port),
-             "--database", str(self.workdir / "superlink.db"), "--disable-runtime-dependency-installation"],
+             "--database", str(self.workdir / "superlink.db"), "--disable-runtime-dependency-installation",
+             *(["--simulation"] if self.simulation else [])],
         )
         self._wait_listening(timeout_s)
-        for i in range(self.num_nodes):
+        for i in range(0 if self.simulation else self.num_nodes):
             node_config = f'partition-id={i} num-partitions={self.num_nodes} state-dir="{self.state_dir}"'
             self._spawn(
                 f"supernode-{i}",
@@ -188,10 +192,11 @@ class LocalDeployment:
         """Flower's own CLI against this SuperLink (the connection in ``flwr-home``)."""
         return subprocess.run([_executable("flwr"), *args], env=self.env(), capture_output=True, text=True, timeout=timeout_s)
 
-    def submit(self, app_dir: Path, run_config: dict[str, Any]) -> int:
-        """``flwr run APP fedsim-edge --run-config ...``; returns the run id."""
+    def submit(self, app_dir: Path, run_config: dict[str, Any], federation_config: dict[str, Any] | None = None) -> int:
+        """``flwr run APP fedsim-edge --run-config ... [--federation-config ...]``; returns the run id."""
         pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        out = self.flwr("run", str(app_dir), CONNECTION, "--run-config", pairs, "--format", "json")
+        federation = ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())] if federation_config else []
+        out = self.flwr("run", str(app_dir), CONNECTION, "--run-config", pairs, *federation, "--format", "json")
         reply = json_reply(out.stdout)
         if out.returncode != 0 or not reply.get("success", False):
             raise DeploymentError(f"flwr run failed: {flwr_error(reply, out.stdout, out.stderr)}")

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.engine.client import make_client_app
+from fedsim.engine.flower_simulation import run_flower_simulation
 from fedsim.engine.grid import InlineGrid, StoppableGrid
 from fedsim.engine.server import FederatedRun
 
@@ -80,10 +81,10 @@ def run_ray(experiment: FederatedRun) -> None:
     """Flower's simulation engine on Ray (joins a cluster when runtime.address is set).
 
     Ends in bounded time whatever happens: the ServerApp sees a :class:`StoppableGrid`
-    that is stopped as soon as ``run_simulation`` returns or raises (Ctrl-C included),
-    the threads Flower started are joined with a timeout, and Ray is shut down."""
+    that is stopped as soon as Flower's simulation returns or raises (Ctrl-C included),
+    the threads Flower started are joined with a timeout, and Ray is shut down. Which
+    Flower entry point runs it, and why: :mod:`fedsim.engine.flower_simulation`."""
     import ray  # heavy, only for this runtime
-    from flwr.simulation import run_simulation
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
@@ -102,7 +103,7 @@ def run_ray(experiment: FederatedRun) -> None:
 
     before = set(threading.enumerate())
     try:
-        run_simulation(
+        run_flower_simulation(
             server_app=app,
             client_app=make_client_app(sc, str(experiment.run.path)),
             num_supernodes=experiment.num_clients,

@@ -10,7 +10,7 @@ from fedsim.models.layers import is_norm_layer
 from fedsim.models.resnet import ResNet18Small
 from fedsim.registry import Registry
 
-MODELS: Registry = Registry("model")
+MODELS: Registry = Registry("model", entry_points="fedsim.models")
 MODELS.register("cnn-small")(SmallCNN)
 MODELS.register("fedbn-cnn")(DigitsCNN)
 MODELS.register("resnet18")(ResNet18Small)

@@ -33,7 +33,8 @@ INJECTED = ("foundation",)
 class AdapterSpec(Section):
     """One adapter: ``name`` is a registered adapter (``fedsim list``) or an import path
     ``package.module:Class`` of an :class:`fedsim.adapters.base.Adapter` subclass; ``args`` are its
-    settings (unknown ones are errors); ``label`` names it in outputs (default: name)."""
+    settings (unknown ones are errors); ``label`` names it in outputs (default: the name, or
+    for an import path its last part, the class name: ``my_tta:EMABN`` -> ``EMABN``)."""
 
     name: str
     args: dict[str, Any] = Field(default_factory=dict)
@@ -41,7 +42,11 @@ class AdapterSpec(Section):
 
     @property
     def display(self) -> str:
-        return self.label or self.name
+        if self.label:
+            return self.label
+        if ":" in self.name:  # package.module:Class -> Class (the attribute may be dotted)
+            return self.name.rpartition(":")[2].rpartition(".")[2]
+        return self.name.rpartition(".")[2]  # a registered name has no dot; package.module.Class -> Class
 
 
 def _exactly_one(value: Any, info: ValidationInfo, other: str, neither: str, both: str) -> bool:

@@ -10,7 +10,7 @@ Each function follows the algorithm and the 32x32 constants of the original
 ``make_cifar_c.py`` (hendrycks/robustness), image by image, drawing its random numbers in the
 same order as the original does for each image in turn. Given a ``RandomState`` seeded as the
 original's global ``np.random``, the output matches the original's (as floats in [0, 1]; the
-original returns [0, 255]) to within one uint8 step; ``tests/test_tta_corruptions_reference.py``
+original returns [0, 255]) to within one uint8 step; ``tests/tta/test_tta_corruptions_reference.py``
 checks this against a transcription of the original running on OpenCV and scikit-image.
 Two parts the original took from outside Python come from the ``imagecorruptions`` package
 (Michaelis et al. 2019, the original's maintained port): motion blur (in ``motion_blur`` and

@@ -6,12 +6,14 @@
 - ``adaptation.jsonl``: one JSON object per batch (adapter, edge, domain, seed, stream
   seed, shift, segment, batch index, samples, correct, online accuracy, cumulative accuracy,
   wall seconds of ``predict_and_adapt``, the adapter's cumulative metrics);
-- ``adaptation_summary.json``: per adapter, overall / per edge / per shift mean online
+- ``adaptation_summary.json``: the plot's title, per adapter, overall / per edge / per shift mean online
   error (mean over edges and seeds), CEMA's upload fraction and bytes both ways, seconds
   per batch, what each edge deployed, the foundation model's record, and every stream's
   record (protocol, reset policy, sample counts, seeds);
 - ``adaptation.png``: running online accuracy over the stream (and each shift's accuracy),
-  one panel per edge (first seed), every adapter, shift boundaries named.
+  one panel per edge (first seed), every adapter, shift boundaries named; its title names
+  the adaptation, the trained run's scenario, strategy, rounds and seed, and the round of
+  the deployed checkpoint when that is not the last.
 
 Each edge's stream is built from its domain's global test set (corruption shifts corrupt
 it; ``clean`` plays it as it is; a domain name plays that domain's test set), seeded per
@@ -33,6 +35,7 @@ import torch
 from fedsim.arrays import atomic_write_bytes
 from fedsim.data.loading import num_clients, partitions
 from fedsim.engine.client import resolve_device
+from fedsim.results import ADAPTATION_SUMMARY, describe
 from fedsim.tta.config import AdaptationConfig
 from fedsim.tta.deploy import ModelRun, deploy_model, foundation_model
 from fedsim.tta.players import InProcessPlayer, StreamPlayer, needs_foundation
@@ -43,7 +46,7 @@ from fedsim.tta.summary import print_table, summarize_results
 __all__ = ["JSONL", "PLOT", "SUMMARY", "print_table", "run_adaptation"]
 
 JSONL = "adaptation.jsonl"
-SUMMARY = "adaptation_summary.json"
+SUMMARY = ADAPTATION_SUMMARY
 PLOT = "adaptation.png"
 
 
@@ -112,8 +115,13 @@ def run_adaptation(
                     extra = f"  upload {res.metrics['upload_fraction']:.3f}"
                 say(f"{spec.display:>16}  edge {e} ({parts[e].domain})  seed {seed}  online error {1 - res.accuracy:.4f}  {res.summary()['seconds_per_batch'] * 1e3:.1f} ms/batch{extra}")
 
+    # the plot's title: the adaptation and the trained run it deployed (strategy, rounds, seed)
+    deployed_round = "" if model_run.checkpoint.round == scenario.rounds else f", model of round {model_run.checkpoint.round}"
+    trained = f"{describe(scenario)}{deployed_round}"
+    title = f"{trained}: online accuracy after training" if name == scenario.name else f"{name}: online accuracy, model of {trained}"
     summary: dict[str, Any] = {
         "name": name,
+        "title": title,
         "model_run": str(model_run.path),
         "checkpoint_round": model_run.checkpoint.round,
         "strategy": scenario.strategy.name,
@@ -137,6 +145,6 @@ def run_adaptation(
     panels = {
         f"edge {e} ({parts[e].domain}), seed {first}": [results[s.display][e][first] for s in specs] for e in edges
     }
-    plot_streams(panels, out / PLOT)
+    plot_streams(panels, out / PLOT, title=title)
     summary["files"] = {"jsonl": str(jsonl), "summary": str(out / SUMMARY), "plot": str(out / PLOT)}
     return summary

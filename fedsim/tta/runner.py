@@ -242,16 +242,18 @@ def plot_stream(result: StreamResult | list[StreamResult], path: str | Path) -> 
     return plot_streams({"": result if isinstance(result, list) else [result]}, path)
 
 
-def plot_streams(panels: dict[str, list[StreamResult]], path: str | Path) -> Path:
+def plot_streams(panels: dict[str, list[StreamResult]], path: str | Path, title: str | None = None) -> Path:
     """Like :func:`plot_stream`, one panel (row) per entry of ``panels`` (title -> results on
-    one stream, e.g. one edge's stream with every adapter)."""
+    one stream, e.g. one edge's stream with every adapter); ``title`` above them all."""
     from matplotlib.figure import Figure  # Agg, no pyplot state
 
     rows = max(1, len(panels))
     fig = Figure(figsize=(11, 4.2 if rows == 1 else 3.6 * rows))
     axes = fig.subplots(rows, 1, squeeze=False)
-    for ax, (title, results) in zip(axes[:, 0], panels.items()):
-        _plot_on_axis(ax, results, title or None)
+    for ax, (panel, results) in zip(axes[:, 0], panels.items()):
+        _plot_on_axis(ax, results, panel or None)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

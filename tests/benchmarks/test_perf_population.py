@@ -11,8 +11,7 @@ import pytest
 from conftest import write_scenario
 
 from fedsim.data.loading import ClientDataCache, num_clients, partitions
-from fedsim.engine.client import HELLO
-from fedsim.engine.client import ClientRuntime
+from fedsim.engine.client import HELLO, ClientRuntime
 from fedsim.engine.runtimes import run_inline
 from fedsim.results import RunFolder
 from fedsim.scenario import load_scenario, new_run

@@ -9,7 +9,7 @@ import pytest
 
 from fedsim.cli import main
 
-BROKEN = sorted((Path(__file__).parent / "broken").glob("*.yaml"))
+BROKEN = sorted((Path(__file__).parents[1] / "broken").glob("*.yaml"))
 
 
 def test_corpus_is_large_enough():

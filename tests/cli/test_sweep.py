@@ -29,7 +29,7 @@ from fedsim.sweep import (
     split_values,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRID = ["client.lr=0.02,0.1"]
 SEEDS = "0,1"
 

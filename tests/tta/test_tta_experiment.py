@@ -100,7 +100,9 @@ def test_config_defaults_and_shorthands() -> None:
     gradual = AdaptationConfig.model_validate({"adapter": "tbn", "stream": {"protocol": "gradual", "corruptions": ["fog"]}})
     assert gradual.stream.shift_names() == ["fog"]
     custom = AdaptationConfig.model_validate({"adapter": {"name": "fedsim.adapters.tbn:TBN"}, "stream": {"shifts": ["clean", "fog@2"]}})
-    assert custom.adapter_specs()[0].display == "fedsim.adapters.tbn:TBN"
+    assert custom.adapter_specs()[0].display == "TBN"  # an import path is labelled by its class name
+    labelled = AdaptationConfig.model_validate({"adapters": ["tbn", {"name": "fedsim.adapters.tbn.TBN", "label": "mine"}, {"name": "fedsim.adapters.tent:Tent"}], "stream": {"shifts": ["clean"]}})
+    assert [s.display for s in labelled.adapter_specs()] == ["tbn", "mine", "Tent"]
     assert Scenario.model_validate({}).adaptation is None
 
 
@@ -158,6 +160,7 @@ def test_fedsim_adapt_end_to_end(fedbn_run: Path, tmp_path: Path, capsys: pytest
     assert all({"batch", "shift", "accuracy", "seconds", "metrics", "seed", "stream_seed"} <= set(r) for r in rows)
     summary = json.loads((out / "adaptation_summary.json").read_text())
     assert summary["deployed"]["0"]["deployed"] == "personalized" and summary["seeds"] == [0, 1]
+    assert summary["title"] == "tiny: online accuracy, model of toyfedbn (fedbn, 2 rounds, seed 0)"  # the plot's title
     res = summary["results"]["tbn"]
     assert set(res["per_edge"]) == {"0", "2"} and [s["shift"] for s in res["per_shift"]] == ["gaussian_noise@3", "contrast@3"]
     assert 0.0 <= res["error"] <= 1.0 and res["seconds_per_batch"] > 0
@@ -221,6 +224,7 @@ def test_fedsim_run_with_adaptation_runs_both_phases(tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     summary = json.loads((out / "adaptation_summary.json").read_text())
     assert summary["deployed"]["1"]["deployed"] == "global"
+    assert summary["title"] == "both (fedavg, 2 rounds, seed 0): online accuracy after training"
     assert [s["shift"] for s in summary["results"]["tbn"]["per_shift"]] == ["clean", "fog@3", "green"]
     assert summary["streams"]["edge1/seed0"]["reset_on_new_shift"] is True
     comm = summary["results"]["cema-all"]["communication"]

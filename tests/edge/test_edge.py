@@ -156,7 +156,7 @@ def test_app_declared_for_flwr_run() -> None:
 
     from fedsim.registry import import_object
 
-    conf = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    conf = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert isinstance(import_object(conf["components"]["serverapp"]), ServerApp)
     assert isinstance(import_object(conf["components"]["clientapp"]), ClientApp)
     assert set(conf["config"]) == {"scenario", "run-dir", "resume"}
@@ -270,3 +270,23 @@ def test_flwr_failure_message_is_flowers_reason() -> None:
     assert json_reply("no json here") == {}
     assert flwr_error({}, "", "line 1\nTraceback: boom\n") == "Traceback: boom"
     assert flwr_error({}, "", "") == "no output"
+
+
+def test_certs_advice_works_with_the_shipped_scenario(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The lines `fedsim edge certs` prints load with scenarios/edge-demo.yaml as written
+    (they once named paths relative to the working directory, which the scenario's folder is not)."""
+    import shlex
+
+    from fedsim.scenario import load_scenario
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    assert main(["edge", "certs", "certs"]) == 0
+    out = capsys.readouterr().out
+    command = out.strip().splitlines()[-1]
+    args = shlex.split(command)
+    assert args[:4] == ["fedsim", "edge", "demo", "scenarios/edge-demo.yaml"]
+    scenario = load_scenario(repo / args[3], [*args[4:], "data.dataset=toy", "data.domains=null", "rounds=1"])
+    assert Path(scenario.edge.tls.ca) == (tmp_path / "certs" / "ca.crt").resolve()
+    yaml_lines = out.split("use them in a scenario:\n")[1].split("\nor on the command line")[0]
+    assert "tls: {ca: /" in yaml_lines  # absolute: valid from a scenario in any folder

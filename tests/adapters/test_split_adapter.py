@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tta_common import small_bn_cnn
+from bn_models import small_bn_cnn
 
 from fedsim.adapters import build_adapter
 from fedsim.adapters._norm import entropy, norm_affine_parameters
@@ -21,7 +21,7 @@ from fedsim.edge.protocol import cloud_take, play_edge
 from fedsim.tta.runner import BatchRecord, run_stream
 from fedsim.tta.streams import StreamBatch
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from test_tta_common import small_bn_cnn
+from bn_models import small_bn_cnn
 from torch import nn
 
 from fedsim.adapters import build_adapter

@@ -20,7 +20,7 @@ from fedsim.strategies import STRATEGIES
 from fedsim.strategies.compressed.base import split_keys
 from fedsim.strategies.compressed.compressors import TopK, index_dtype, make_compressor
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 N_CLIENTS = 8  # toy: 4 domains x 2 clients
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_tta_common import small_bn_cnn
+from bn_models import small_bn_cnn
 from torch import nn
 
 from fedsim.adapters import ADAPTERS, Adapter, adapter_settings, build_adapter
@@ -315,3 +315,10 @@ def test_mixed_stat_bn_fused_path_equals_formula(a: float, mm: bool, shape: tupl
     view = (1, -1) + (1,) * (x.ndim - 2)
     expected = (x - mu.view(view)) / torch.sqrt(var.view(view) + layer.eps) * layer.weight.view(view) + layer.bias.view(view)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_small_bn_cnn_is_deterministic() -> None:
+    x = torch.rand(4, 3, 16, 16)
+    a, b = small_bn_cnn(1), small_bn_cnn(1)
+    assert torch.equal(a(x), b(x))
+    assert any(isinstance(m, nn.BatchNorm1d) for m in a.modules())

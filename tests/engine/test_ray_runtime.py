@@ -20,10 +20,13 @@ import pytest
 from conftest import TEST_TOKEN_ENV, describe, stop_pids, write_scenario
 
 from fedsim.cli import main
-from fedsim.edge.processes import processes_with_token
+from fedsim.cli.edge import write_app
+from fedsim.data.loading import num_clients
+from fedsim.edge.processes import CONNECTION, LocalDeployment, processes_with_token
+from fedsim.scenario import load_scenario
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # One Ray actor (all CPUs for one client) is enough to compare with the inline runtime, and
 # keeps processes and threads few on a loaded machine.
 ONE_ACTOR = f"runtime.cpus_per_client={os.cpu_count() or 1}"
@@ -41,10 +44,13 @@ def metrics(out):
     # FedTiny: candidate selection through forward-only evaluate tasks, masks, pruning/growing
     ["strategy.name=fedtiny", "strategy.args={density: 0.3, num_candidates: 2, delta_t: 1, t_end: 3, fraction_train: 0.5}"],
 ], ids=["fedbn", "ef21-randk", "fedwon", "fedtiny"])
-def test_ray_and_inline_agree(toy_yaml, tmp_path, strategy):
+def test_ray_and_inline_agree(toy_yaml, tmp_path, strategy, capfd):
     common = [*strategy, "runtime.num_threads=1"]
     assert main(["run", str(toy_yaml), *common, "--out", str(tmp_path / "inline")]) == 0
     assert main(["run", str(toy_yaml), *common, "runtime=ray", ONE_ACTOR, "--out", str(tmp_path / "ray")]) == 0
+    # Flower's run_simulation deprecation notice never reaches the user (fedsim.engine.flower_simulation)
+    out, err = capfd.readouterr()
+    assert "DEPRECATED FEATURE" not in out + err, (out + err)[-3000:]
     a, b = metrics(tmp_path / "inline"), metrics(tmp_path / "ray")
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
@@ -178,8 +184,9 @@ def test_existing_cluster_private_join_and_crash(ray_head, tmp_path):
     cluster = {p for p in processes_with_token(os.environ[TEST_TOKEN_ENV], env=TEST_TOKEN_ENV)}
 
     private = fedsim("run", str(path), "--out", str(tmp_path / "private"), env=ray_head["env"])
-    _, err = finish(private, timeout=300)
+    out, err = finish(private, timeout=300)
     assert private.returncode == 0, err[-3000:]
+    assert "DEPRECATED FEATURE" not in out + err  # a normal run, as a user sees it
     assert gone(private.pid) == [], describe(group_members(private.pid))
 
     drivers = set((ray_head["session"] / "logs").glob("python-core-driver-*"))
@@ -197,3 +204,35 @@ def test_existing_cluster_private_join_and_crash(ray_head, tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"runtime ray (Ray at {ray_head['address']})" in errors[0], err[-3000:]
     assert cluster <= set(processes_with_token(os.environ[TEST_TOKEN_ENV], env=TEST_TOKEN_ENV)), "the cluster must survive its clients"
+
+
+# -- Flower's supported simulation path: flower-superlink --simulation + flwr run ----------
+def test_fedsim_app_on_flowers_simulation_runtime_matches_inline(toy_yaml, tmp_path):
+    """fedsim's Flower app (pyproject's [tool.flwr.app] components) submitted with
+    ``flwr run`` to ``flower-superlink --simulation`` (README, "Which Flower entry point";
+    docs/edge.md): Flower's simulated SuperNodes give the inline runtime's metrics, the run
+    installs no dependencies, and no process outlives the SuperLink."""
+    assert main(["run", str(toy_yaml), "runtime.num_threads=1", "--out", str(tmp_path / "inline")]) == 0
+    clients = num_clients(load_scenario(str(toy_yaml)).data)
+    run_dir = (tmp_path / "flower").resolve()
+    with LocalDeployment(workdir=tmp_path / "link", num_nodes=clients, state_dir=run_dir, simulation=True) as link:
+        link.start()
+        run_id = link.submit(
+            write_app(tmp_path / "app"),
+            {"scenario": str(toy_yaml.resolve()), "run-dir": str(run_dir)},
+            {"num-supernodes": clients, "client-resources-num-cpus": os.cpu_count() or 1},
+        )
+        deadline, status = time.monotonic() + 300, ""
+        while time.monotonic() < deadline and not status.startswith("finished"):
+            time.sleep(2)
+            status = link.run_status(run_id)
+        logs = link.flwr("log", str(run_id), CONNECTION, "--show", timeout_s=60).stdout
+        assert status == "finished:completed", logs[-3000:]
+        assert f"({clients} simulated SuperNodes)" in logs  # Flower's own log of this run, federation config honoured
+        assert "Installing application dependencies" not in logs and "uv sync" not in logs
+    a, b = metrics(tmp_path / "inline"), metrics(run_dir)
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert ra["bytes_up"] == rb["bytes_up"] and ra["bytes_down"] == rb["bytes_down"]
+        assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=1e-6)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)

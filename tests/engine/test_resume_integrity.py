@@ -25,7 +25,7 @@ from fedsim.cli import main
 from fedsim.engine.checkpoint import MANIFEST, load_strategy_state
 from fedsim.strategies.fedbn import FedBN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def records(out: Path) -> list[dict]:
