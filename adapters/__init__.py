@@ -35,7 +35,9 @@ def build_adapter(name: str, model: nn.Module, **settings: Any) -> Adapter:
     known = adapter_settings(cls)
     unknown = [k for k in settings if k not in known]
     if unknown:
-        raise TypeError(f"adapter '{name}' has no setting(s) {', '.join(map(repr, unknown))} (settings: {', '.join(known) or 'none'})")
+        raise TypeError(
+            f"adapter '{name}' has no setting(s) {', '.join(map(repr, unknown))} (settings: {', '.join(known) or 'none'})"
+        )
     return cls(model, **settings)
 
 

@@ -102,7 +102,9 @@ class MixedStatBatchNorm(AdaptiveNorm):
         return y
 
 
-def replace_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> int:
+def replace_modules(
+    model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]
+) -> int:
     """Replace (in place, recursively) every submodule for which ``match`` holds by ``make(it)``.
 
     Returns the number replaced. The root module itself is never replaced.
@@ -187,6 +189,7 @@ class BatchRenorm(AdaptiveNorm):
                 self.running_var.copy_(batch_var)
                 self.initialized.fill_(True)
         if torch.is_grad_enabled():
+
             def view(t: torch.Tensor) -> torch.Tensor:
                 return _channel_view(t, x.ndim)
 

@@ -133,8 +133,17 @@ class CEMA(SplitAdapter):
             raise ValueError(f"cema: normalization must be one of {', '.join(NORMALIZATIONS)}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"cema: optimizer must be one of {', '.join(OPTIMIZERS)}")
-        if cloud_batch < 1 or buffer_size < 0 or replay_size < 0 or extra_replay_size < 0 or distill_steps < 1 or temperature <= 0:
-            raise ValueError("cema: need cloud_batch, distill_steps >= 1, buffer_size, replay_size, extra_replay_size >= 0, temperature > 0")
+        if (
+            cloud_batch < 1
+            or buffer_size < 0
+            or replay_size < 0
+            or extra_replay_size < 0
+            or distill_steps < 1
+            or temperature <= 0
+        ):
+            raise ValueError(
+                "cema: need cloud_batch, distill_steps >= 1, buffer_size, replay_size, extra_replay_size >= 0, temperature > 0"
+            )
         settings = dict(locals())
         for k in ("self", "model", "__class__"):
             settings.pop(k, None)
@@ -184,7 +193,14 @@ def weighted_entropy(logits: torch.Tensor, e_max: float) -> torch.Tensor:
 
 
 def distillation_loss(
-    student: torch.Tensor, teacher: torch.Tensor, e_max: float, w_ent: float, w_kl: float, w_ce: float, temperature: float, teacher_weights: bool
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    e_max: float,
+    w_ent: float,
+    w_kl: float,
+    w_ce: float,
+    temperature: float,
+    teacher_weights: bool,
 ) -> torch.Tensor:
     """CEMA's distillation loss (official ``TTADistillationLoss.forward``)::
 
@@ -195,7 +211,11 @@ def distillation_loss(
     every weight detached; ``teacher_weights=False`` sets u = 1.
     """
     t = temperature
-    u = torch.exp(e_max - entropy(teacher).detach()) if teacher_weights else torch.ones(teacher.shape[0], device=teacher.device)
+    u = (
+        torch.exp(e_max - entropy(teacher).detach())
+        if teacher_weights
+        else torch.ones(teacher.shape[0], device=teacher.device)
+    )
     kl = F.kl_div(F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1), reduction="none").sum(1)
     ce = F.cross_entropy(student, teacher.argmax(dim=1), reduction="none")
     return w_ent * weighted_entropy(student, e_max) + w_kl * t * t * (u * kl).mean() + w_ce * (u * ce).mean()
@@ -449,7 +469,16 @@ class CemaCloud(CloudHalf):
         _set_renorm_training(self.student, student_training)
         with torch.enable_grad():
             for _ in range(int(s["distill_steps"])):
-                loss = distillation_loss(self.student(x), teacher, self._e0(teacher), s["w_ent"], s["w_kl"], s["w_ce"], s["temperature"], s["teacher_weights"])
+                loss = distillation_loss(
+                    self.student(x),
+                    teacher,
+                    self._e0(teacher),
+                    s["w_ent"],
+                    s["w_kl"],
+                    s["w_ce"],
+                    s["temperature"],
+                    s["teacher_weights"],
+                )
                 self.opt_student.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt_student.step()

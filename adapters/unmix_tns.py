@@ -81,7 +81,9 @@ class UnMixBatchNorm2d(AdaptiveNorm):
         cos = F.normalize(mu_b, dim=1) @ F.normalize(self.comp_mean, dim=1).t()
         return torch.softmax(cos / self.temperature, dim=1)
 
-    def mixed_statistics(self, mu_b: torch.Tensor, var_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def mixed_statistics(
+        self, mu_b: torch.Tensor, var_b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-instance (mean [B, C], var [B, C]) to normalize with, and p [B, K], from the
         instance statistics, as [B, K] x [K, C] matmuls (no [B, K, C] tensor: elementwise
         passes over it cost more than the whole normalization of a small layer).

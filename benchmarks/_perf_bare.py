@@ -39,11 +39,24 @@ def check_supported(sc: Scenario) -> None:
     args = sc.strategy.args
     if sc.strategy.name != "fedavg" or float(args.get("fraction_train", 1.0)) != 1.0:
         raise ValueError("the bare loop reproduces FedAvg with fraction_train 1.0 only")
-    if sc.faults.failure_prob or sc.faults.nan_prob or sc.faults.straggler_prob or getattr(sc.faults, "bad_shape_prob", 0):
+    if (
+        sc.faults.failure_prob
+        or sc.faults.nan_prob
+        or sc.faults.straggler_prob
+        or getattr(sc.faults, "bad_shape_prob", 0)
+    ):
         raise ValueError("the bare loop has no fault injection")
 
 
-def local_train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, sc: Scenario, seed: int, device: torch.device) -> tuple[int, int]:
+def local_train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sc: Scenario,
+    seed: int,
+    device: torch.device,
+) -> tuple[int, int]:
     """One client's local training; returns (optimizer steps, samples seen).
 
     Written out again on purpose rather than calling fedsim's ClientRuntime._fit: this is
@@ -76,7 +89,9 @@ def local_train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 
 
 @torch.no_grad()
-def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 512) -> tuple[int, int]:
+def score(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 512
+) -> tuple[int, int]:
     model.eval()
     correct = 0
     for i in range(0, len(y), batch):
@@ -99,12 +114,16 @@ def bare_run(sc: Scenario) -> dict[str, Any]:
     check_supported(sc)
     t0 = time.perf_counter()
     torch.set_num_threads(sc.runtime.num_threads)
-    device = torch.device("cuda" if sc.device == "cuda" or (sc.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if sc.device == "cuda" or (sc.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     cache = ClientDataCache(sc.data, sc.seed)
     ds = cache.dataset
     n_clients = num_clients(sc.data)
     m = sc.model
-    model = build_model(m.name, ds.num_classes, ds.channels, ds.image_size, m.normalization, m.args, seed=sc.seed).to(device)
+    model = build_model(m.name, ds.num_classes, ds.channels, ds.image_size, m.normalization, m.args, seed=sc.seed).to(
+        device
+    )
     global_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     c = sc.client
     steps = samples = 0
@@ -141,4 +160,10 @@ def bare_run(sc: Scenario) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     accuracy = float(np.mean([np.mean(v) for v in per_domain.values()])) if per_domain else None
-    return {"steps": steps, "samples": samples, "accuracy": accuracy, "wall_s": time.perf_counter() - t0, "train_s": train_s}
+    return {
+        "steps": steps,
+        "samples": samples,
+        "accuracy": accuracy,
+        "wall_s": time.perf_counter() - t0,
+        "train_s": train_s,
+    }

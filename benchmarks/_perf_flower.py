@@ -43,7 +43,9 @@ def _setup(scenario_json: str) -> tuple[Scenario, ClientDataCache, torch.nn.Modu
         cache = ClientDataCache(sc.data, sc.seed)
         ds = cache.dataset
         m = sc.model
-        model = build_model(m.name, ds.num_classes, ds.channels, ds.image_size, m.normalization, m.args, seed=sc.seed).to(device)
+        model = build_model(
+            m.name, ds.num_classes, ds.channels, ds.image_size, m.normalization, m.args, seed=sc.seed
+        ).to(device)
         _CACHE.clear()
         _CACHE[scenario_json] = (cache, model, device)
     cache, model, device = _CACHE[scenario_json]
@@ -62,7 +64,12 @@ def make_apps(sc: Scenario) -> tuple[ServerApp, ClientApp]:
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         data = cache.client(cid)
         c = sc.client
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        opt = torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+        )
         steps, _ = local_train(model, opt, data.x_train, data.y_train, sc, client_seed(sc.seed, rnd, cid), device)
         metrics = MetricRecord({"num-examples": int(len(data.y_train)), "train_steps": steps})
         return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
@@ -90,8 +97,16 @@ def make_apps(sc: Scenario) -> tuple[ServerApp, ClientApp]:
     def main(grid: Grid, context: Context) -> None:
         _, cache, model, _ = _setup(scenario_json)
         n = num_clients(sc.data)
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=sc.rounds, train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
+        strategy = FedAvg(
+            fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=sc.rounds,
+            train_config=ConfigRecord({}),
+            evaluate_config=ConfigRecord({}),
+        )
 
     return server_app, client_app
 
@@ -108,5 +123,8 @@ def run_flower(sc: Scenario) -> None:
         server_app=server_app,
         client_app=client_app,
         num_supernodes=num_clients(sc.data),
-        backend_config={"client_resources": {"num_cpus": rt.cpus_per_client, "num_gpus": rt.gpus_per_client}, "init_args": init_args},
+        backend_config={
+            "client_resources": {"num_cpus": rt.cpus_per_client, "num_gpus": rt.gpus_per_client},
+            "init_args": init_args,
+        },
     )

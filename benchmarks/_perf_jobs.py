@@ -44,6 +44,7 @@ def emit(result: dict[str, Any]) -> None:
 
 def scenario(args: dict[str, Any]):
     from fedsim.scenario import load_scenario
+
     return load_scenario(args.get("scenario", "scenarios/multidomain.yaml"), list(args.get("overrides", [])))
 
 
@@ -77,7 +78,11 @@ def fedsim_run(args: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     parts = loading.partitions(sc.data, sc.seed)
     partition_s = time.perf_counter() - t
-    data_bytes = sum(int(getattr(a, "nbytes", 0)) for split in loading.load_dataset(sc.data).domains.values() for a in vars(split).values())
+    data_bytes = sum(
+        int(getattr(a, "nbytes", 0))
+        for split in loading.load_dataset(sc.data).domains.values()
+        for a in vars(split).values()
+    )
     partition_bytes = sum(v.nbytes for v in vars(parts).values() if isinstance(v, np.ndarray))
     counts = {"steps": 0, "data_built": 0}
     round_end: list[float] = []
@@ -197,7 +202,11 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
     tgt = ds.domains["svhn" if "svhn" in ds.domains else names[-1]]
     x_te = to_tensor(np.asarray(tgt.x_test)).to(device)
     batches = [x_te[i : i + batch] for i in range(0, len(x_te) - batch + 1, batch)]
-    foundation = build_model("cnn-small", ds.num_classes, ds.channels, ds.image_size, "bn", {"width": 2 * width}, seed=1).eval().to(device)
+    foundation = (
+        build_model("cnn-small", ds.num_classes, ds.channels, ds.image_size, "bn", {"width": 2 * width}, seed=1)
+        .eval()
+        .to(device)
+    )
     plain = copy.deepcopy(model).eval()
 
     def plain_step(x):
@@ -212,9 +221,13 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
         # which never happens here; the pending uploads are dropped after each timed batch.
         "cema_edge": CEMA(model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0, normalization="tbr"),
         # the same edge uploading every sample: bounds what the uint8 packing can add
-        "cema_edge_upload_all": CEMA(model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0, upload_all=True),
+        "cema_edge_upload_all": CEMA(
+            model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0, upload_all=True
+        ),
         # the edge keeping the source statistics (normalization: source): forward + filter only
-        "cema_edge_source_bn": CEMA(model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0, normalization="source"),
+        "cema_edge_source_bn": CEMA(
+            model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0, normalization="source"
+        ),
         # test-batch normalization alone: the statistics pass CEMA's default edge shares
         "tbn": TBN(model),
     }
@@ -280,7 +293,13 @@ def vmap_clients(args: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(args.get("threads", 1)))
     device = torch.device(args.get("device", "cpu"))
-    k, steps, bs, lr, reps = int(args.get("clients", 10)), int(args.get("steps", 10)), int(args.get("batch", 32)), 0.05, int(args.get("reps", 3))
+    k, steps, bs, lr, reps = (
+        int(args.get("clients", 10)),
+        int(args.get("steps", 10)),
+        int(args.get("batch", 32)),
+        0.05,
+        int(args.get("reps", 3)),
+    )
     width = int(args.get("width", 32))
     ds = load_dataset(DataConfig(**args.get("data", {})))
     first = ds.domains[next(iter(ds.domains))]
@@ -289,7 +308,9 @@ def vmap_clients(args: dict[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(y_all), (steps, k, bs), generator=g).to(device)
     xs, ys = x_all[idx], y_all[idx]  # [S, K, B, ...]
-    base = build_model("cnn-small", ds.num_classes, ds.channels, ds.image_size, "gn", {"width": width}, seed=0).to(device)
+    base = build_model("cnn-small", ds.num_classes, ds.channels, ds.image_size, "gn", {"width": width}, seed=0).to(
+        device
+    )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def sequential() -> list[torch.Tensor]:

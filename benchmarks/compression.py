@@ -90,7 +90,9 @@ def table(results: dict[str, list[list[dict]]], target: float) -> str:
         hit = [r for r in reach if r is not None]
         reach_s = f"{mb(np.mean(hit))} ({len(hit)}/{len(runs)} seeds)" if hit else f"not reached (0/{len(runs)})"
         ratio = f"{up / dense:.3f}" if dense else "-"
-        lines.append(f"| {LABELS.get(name, name)} | {acc.mean():.4f} ± {acc.std():.4f} | {mb(up)} | {ratio} | {reach_s} | {mb(down)} |")
+        lines.append(
+            f"| {LABELS.get(name, name)} | {acc.mean():.4f} ± {acc.std():.4f} | {mb(up)} | {ratio} | {reach_s} | {mb(down)} |"
+        )
     return "\n".join(lines)
 
 
@@ -145,11 +147,31 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.perf_counter()
             recs = run_one(name, seed, args.rounds, out)
             results.setdefault(name, []).append(recs)
-            print(f"{name} seed {seed}: accuracy {recs[-1]['accuracy']:.4f}, bytes up {recs[-1]['bytes_up_total']}, {time.perf_counter() - t1:.0f}s", flush=True)
+            print(
+                f"{name} seed {seed}: accuracy {recs[-1]['accuracy']:.4f}, bytes up {recs[-1]['bytes_up_total']}, {time.perf_counter() - t1:.0f}s",
+                flush=True,
+            )
     wall = time.perf_counter() - t0
-    (out / "results.json").write_text(json.dumps({k: [[{kk: r[kk] for kk in ("round", "accuracy", "bytes_up_total", "bytes_down_total")} for r in rs] for rs in v] for k, v in results.items()}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                k: [
+                    [{kk: r[kk] for kk in ("round", "accuracy", "bytes_up_total", "bytes_down_total")} for r in rs]
+                    for rs in v
+                ]
+                for k, v in results.items()
+            },
+            indent=1,
+        )
+    )
     plot(results, Path(args.png))
-    cmd = "python benchmarks/compression.py" + (f" --seeds {args.seeds}" if args.seeds != 3 else "") + (f" --rounds {args.rounds}" if args.rounds else "") + (f" --target {args.target}" if args.target != 0.55 else "") + (f" --only {' '.join(args.only)}" if args.only != NAMES else "")
+    cmd = (
+        "python benchmarks/compression.py"
+        + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
+        + (f" --rounds {args.rounds}" if args.rounds else "")
+        + (f" --target {args.target}" if args.target != 0.55 else "")
+        + (f" --only {' '.join(args.only)}" if args.only != NAMES else "")
+    )
     section = "\n".join(
         [
             BEGIN,

@@ -54,21 +54,33 @@ def main() -> None:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, runs in results.items():
         recs = [r for r, _ in runs]
-        cells = [label, *[mean_std([r["per_domain"][d] for r in recs]) for d in domains], mean_std([r["accuracy"] for r in recs]), f"{np.mean([r['bytes_up_total'] for r in recs]) / 1e6:.2f}", f"{np.mean([t for _, t in runs]):.0f}"]
+        cells = [
+            label,
+            *[mean_std([r["per_domain"][d] for r in recs]) for d in domains],
+            mean_std([r["accuracy"] for r in recs]),
+            f"{np.mean([r['bytes_up_total'] for r in recs]) / 1e6:.2f}",
+            f"{np.mean([t for _, t in runs]):.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    gain = {d: np.mean([r["per_domain"][d] for r, _ in results["FedBN"]]) - np.mean([r["per_domain"][d] for r, _ in results["FedAvg"]]) for d in domains}
-    text = "\n".join([
-        "# FedAvg vs FedBN on the built-in digits5 data",
-        "",
-        f"Command: `python -m benchmarks.fedbn_vs_fedavg --seeds {' '.join(map(str, args.seeds))}{' --set ' + ' '.join(args.set) if args.set else ''}` (scenarios {', '.join(SCENARIOS.values())}); final-round test accuracy (%) on each domain's global test set, "
-        f"each client evaluated with its deployed model (FedBN: global weights + its own BN), mean ± std over {len(args.seeds)} seeds.",
-        f"Hardware: {cpu_model()}, {__import__('os').cpu_count()} CPU cores, no GPU; {time.strftime('%Y-%m-%d')}.",
-        "",
-        *lines,
-        "",
-        "FedBN minus FedAvg (points): " + ", ".join(f"{d} {100 * g:+.1f}" for d, g in gain.items()),
-        "",
-    ])
+    gain = {
+        d: np.mean([r["per_domain"][d] for r, _ in results["FedBN"]])
+        - np.mean([r["per_domain"][d] for r, _ in results["FedAvg"]])
+        for d in domains
+    }
+    text = "\n".join(
+        [
+            "# FedAvg vs FedBN on the built-in digits5 data",
+            "",
+            f"Command: `python -m benchmarks.fedbn_vs_fedavg --seeds {' '.join(map(str, args.seeds))}{' --set ' + ' '.join(args.set) if args.set else ''}` (scenarios {', '.join(SCENARIOS.values())}); final-round test accuracy (%) on each domain's global test set, "
+            f"each client evaluated with its deployed model (FedBN: global weights + its own BN), mean ± std over {len(args.seeds)} seeds.",
+            f"Hardware: {cpu_model()}, {__import__('os').cpu_count()} CPU cores, no GPU; {time.strftime('%Y-%m-%d')}.",
+            "",
+            *lines,
+            "",
+            "FedBN minus FedAvg (points): " + ", ".join(f"{d} {100 * g:+.1f}" for d, g in gain.items()),
+            "",
+        ]
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

@@ -44,9 +44,15 @@ FRAC = "{fraction_train: 0.5, fraction_evaluate: 0.5}"
 def configs(dense: bool) -> dict[str, tuple[str, list[str]]]:
     out = {
         "FedTiny d=0.1": ("scenarios/fedtiny-digits5.yaml", []),
-        "MagPrune d=0.1": ("scenarios/fedtiny-digits5.yaml", ["strategy.name=magprune", "strategy.args={density: 0.1, fraction_train: 0.5, fraction_evaluate: 0.5}"]),
+        "MagPrune d=0.1": (
+            "scenarios/fedtiny-digits5.yaml",
+            ["strategy.name=magprune", "strategy.args={density: 0.1, fraction_train: 0.5, fraction_evaluate: 0.5}"],
+        ),
         "FedTiny d=0.01": ("scenarios/fedtiny-digits5-d001.yaml", []),
-        "MagPrune d=0.01": ("scenarios/fedtiny-digits5-d001.yaml", ["strategy.name=magprune", "strategy.args={density: 0.01, fraction_train: 0.5, fraction_evaluate: 0.5}"]),
+        "MagPrune d=0.01": (
+            "scenarios/fedtiny-digits5-d001.yaml",
+            ["strategy.name=magprune", "strategy.args={density: 0.01, fraction_train: 0.5, fraction_evaluate: 0.5}"],
+        ),
     }
     if dense:
         out["FedAvg dense"] = ("scenarios/fedtiny-digits5.yaml", ["strategy.name=fedavg", f"strategy.args={FRAC}"])
@@ -59,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dense", action="store_true", help="skip the dense FedAvg reference")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-doc", action="store_true")
-    ap.add_argument("--render", action="store_true", help="only re-render the table from benchmarks/results/fedtiny.json")
+    ap.add_argument(
+        "--render", action="store_true", help="only re-render the table from benchmarks/results/fedtiny.json"
+    )
     args = ap.parse_args(argv)
     command = "python benchmarks/fedtiny.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.render:
@@ -81,15 +89,24 @@ def main(argv: list[str] | None = None) -> int:
             records, wall = run_scenario(path, [*overrides, *extra, f"seed={seed}"], out_root / tag)
             last = records[-1]
             sm = last["strategy_metrics"]
-            rows.append({
-                "seed": seed, "accuracy": last["accuracy"], "per_domain": last["per_domain"],
-                "bytes_up": last["bytes_up_total"], "bytes_down": last["bytes_down_total"],
-                "bytes_up_dense": sm.get("bytes_up_dense_equiv_total", last["bytes_up_total"]),
-                "bytes_down_dense": sm.get("bytes_down_dense_equiv_total", last["bytes_down_total"]),
-                "density": sm.get("density", 1.0), "flops_dense": sm.get("flops_dense"), "flops_sparse": sm.get("flops_sparse"),
-                "mem_dense": sm.get("mem_dense_bytes"), "mem_sparse": sm.get("mem_sparse_bytes"),
-                "selected": sm.get("selected_candidate"), "wall_s": wall,
-            })
+            rows.append(
+                {
+                    "seed": seed,
+                    "accuracy": last["accuracy"],
+                    "per_domain": last["per_domain"],
+                    "bytes_up": last["bytes_up_total"],
+                    "bytes_down": last["bytes_down_total"],
+                    "bytes_up_dense": sm.get("bytes_up_dense_equiv_total", last["bytes_up_total"]),
+                    "bytes_down_dense": sm.get("bytes_down_dense_equiv_total", last["bytes_down_total"]),
+                    "density": sm.get("density", 1.0),
+                    "flops_dense": sm.get("flops_dense"),
+                    "flops_sparse": sm.get("flops_sparse"),
+                    "mem_dense": sm.get("mem_dense_bytes"),
+                    "mem_sparse": sm.get("mem_sparse_bytes"),
+                    "selected": sm.get("selected_candidate"),
+                    "wall_s": wall,
+                }
+            )
             print(f"{tag}: acc {last['accuracy']:.3f} ({wall:.0f}s)", flush=True)
         results[name] = rows
     total = time.perf_counter() - t_all
@@ -123,7 +140,11 @@ def render(data: dict[str, Any]) -> str:
     for name, rows in results.items():
         cells = [pm([r["per_domain"].get(d, float("nan")) for r in rows]) for d in domains]
         sel = ", ".join(str(int(r["selected"])) for r in rows if r.get("selected") is not None) or "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{pm([r['accuracy'] for r in rows])}** | {np.mean([r['density'] for r in rows]):.3f} | {sel} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | **{pm([r['accuracy'] for r in rows])}** | {np.mean([r['density'] for r in rows]):.3f} | {sel} |"
+        )
     lines += [
         "",
         "Cost per run (seed 0 / mean over seeds for bytes). FLOPs: one forward pass of one 28x28 sample through the conv "

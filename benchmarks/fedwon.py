@@ -42,7 +42,10 @@ DOMAIN_ORDER = ("mnist", "usps", "mnistm", "svhn", "syn")
 SETTINGS: dict[str, tuple[str, str]] = {
     "silo-1": ("scenarios/fedwon-digits5.yaml", "one domain per client (5 clients), batch 32"),
     "silo-3": ("scenarios/fedwon-digits5-multi.yaml", "3 clients per domain (15 clients), batch 32"),
-    "bs1": ("scenarios/fedwon-digits5-bs1.yaml", "cross-device: 100 clients (20 per domain), 10 per round, 48 samples each, 15 rounds; FedWon batch 1, BN baselines batch 2"),
+    "bs1": (
+        "scenarios/fedwon-digits5-bs1.yaml",
+        "cross-device: 100 clients (20 per domain), 10 per round, 48 samples each, 15 rounds; FedWon batch 1, BN baselines batch 2",
+    ),
 }
 
 
@@ -123,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--out", default=None, help="run folders (default: a temp folder)")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/fedwon-fedtiny.md")
-    ap.add_argument("--merge", action="store_true", help="keep the other settings' results from benchmarks/results/fedwon.json")
+    ap.add_argument(
+        "--merge", action="store_true", help="keep the other settings' results from benchmarks/results/fedwon.json"
+    )
     args = ap.parse_args(argv)
     command = "python benchmarks/fedwon.py " + " ".join(argv if argv is not None else sys.argv[1:])
     hw = hardware()
@@ -139,12 +144,23 @@ def main(argv: list[str] | None = None) -> int:
                 tag = f"{setting}-{method.split()[0].lower()}-s{seed}"
                 records, wall = run_scenario(path, [*overrides, f"seed={seed}"], out_root / tag)
                 last = records[-1]
-                rows.append({"seed": seed, "accuracy": last["accuracy"], "per_domain": last["per_domain"], "bytes_up": last["bytes_up_total"], "bytes_down": last["bytes_down_total"], "wall_s": wall})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "accuracy": last["accuracy"],
+                        "per_domain": last["per_domain"],
+                        "bytes_up": last["bytes_up_total"],
+                        "bytes_down": last["bytes_down_total"],
+                        "wall_s": wall,
+                    }
+                )
                 print(f"{tag}: acc {last['accuracy']:.3f} ({wall:.0f}s)", flush=True)
             results[setting][method] = rows
     total = time.perf_counter() - t_all
     RESULTS.mkdir(parents=True, exist_ok=True)
-    runs = [{"command": command.strip(), "seeds": args.seeds, "settings": args.settings, "hardware": hw, "total_s": total}]
+    runs = [
+        {"command": command.strip(), "seeds": args.seeds, "settings": args.settings, "hardware": hw, "total_s": total}
+    ]
     saved = RESULTS / "fedwon.json"
     if args.merge and saved.exists():
         old = json.loads(saved.read_text())
@@ -155,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     saved.write_text(json.dumps({"runs": runs, "results": results}, indent=1))
     lines = ["### FedWon: measured", ""]
     for r in runs:
-        lines.append(f"Command: `{r['command']}` (settings {', '.join(r['settings'])}; {len(r['seeds'])} seeds; {r['total_s'] / 60:.1f} min). Hardware: {r['hardware']}.  ")
+        lines.append(
+            f"Command: `{r['command']}` (settings {', '.join(r['settings'])}; {len(r['seeds'])} seeds; {r['total_s'] / 60:.1f} min). Hardware: {r['hardware']}.  "
+        )
     lines += [
         "Accuracy: the final global model (FedBN: each client's model with its own BN) on each domain's test set, "
         "in %, mean ± std over seeds; `mean` is the mean over domains. Bytes: payload of all training rounds, per run.",

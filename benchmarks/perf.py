@@ -46,7 +46,14 @@ BASE = ["data.clients_per_domain=2"]
 # images per domain give each client a pool of 20 (16 train + 4 test with samples_per_client
 # 16); the 10-client comparison uses the same dataset and the same 16 train samples per
 # client (2 steps of 8 per round). Toy images 8x8: 2 million of them are 0.4 GB.
-POP_DATA = ["data.dataset=toy", "data.image_size=8", "data.options={train_per_domain: 500000, test_per_domain: 200}", "data.samples_per_client=16", "data.domain_test_samples=200", "client.batch_size=8"]
+POP_DATA = [
+    "data.dataset=toy",
+    "data.image_size=8",
+    "data.options={train_per_domain: 500000, test_per_domain: 200}",
+    "data.samples_per_client=16",
+    "data.domain_test_samples=200",
+    "client.batch_size=8",
+]
 POP_PER_DOMAIN = 25_000  # 4 toy domains x 25,000 = 100,000 clients, a pool of 20 images each
 
 
@@ -81,11 +88,19 @@ def load() -> str:
 def run_job(job: str, args: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """One measurement in a fresh process; returns its result plus ``process_s``."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks._perf_jobs", job, json.dumps(args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks._perf_jobs", job, json.dumps(args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"job {job} {args} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"job {job} {args} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     out = json.loads(lines[-1][len(TAG) :])
     out["process_s"] = wall
     return out
@@ -99,7 +114,9 @@ def run_cli(overrides: list[str], scenario: str = "scenarios/multidomain.yaml", 
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return wall
 
 
@@ -141,8 +158,24 @@ def target1(rep: Report, reps: int, rounds: int) -> None:
         bare_proc.append(b["process_s"])
     r_api = [a["work_s"] / b["work_s"] for a, b in zip(api, bare)]
     r_cli = [c / b for c, b in zip(cli, bare_proc)]
-    rep.add(Row("1. inline engine overhead: fedsim (in-process API) / bare loop", f"{med(r_api):.3f}", "<= 1.10", verdict(med(r_api) <= 1.10), f"{api[0]['steps']} optimizer steps on both sides; load {load()}"))
-    rep.add(Row("1b. same, whole processes: `fedsim run` / `python` bare loop (start-up + imports included on both)", f"{med(r_cli):.3f}", "<= 1.10", verdict(med(r_cli) <= 1.10), "fedsim's process also imports Flower and writes summary + plot"))
+    rep.add(
+        Row(
+            "1. inline engine overhead: fedsim (in-process API) / bare loop",
+            f"{med(r_api):.3f}",
+            "<= 1.10",
+            verdict(med(r_api) <= 1.10),
+            f"{api[0]['steps']} optimizer steps on both sides; load {load()}",
+        )
+    )
+    rep.add(
+        Row(
+            "1b. same, whole processes: `fedsim run` / `python` bare loop (start-up + imports included on both)",
+            f"{med(r_cli):.3f}",
+            "<= 1.10",
+            verdict(med(r_cli) <= 1.10),
+            "fedsim's process also imports Flower and writes summary + plot",
+        )
+    )
     rep.detail(
         f"Target 1 ({len(api)} reps, {rounds} rounds): in-process seconds fedsim {fmt_list([a['work_s'] for a in api], 1)}, bare {fmt_list([b['work_s'] for b in bare], 1)}, "
         f"ratios {fmt_list(r_api)}; whole-process seconds `fedsim run` {fmt_list(cli, 1)}, bare {fmt_list(bare_proc, 1)}, ratios {fmt_list(r_cli)}; "
@@ -152,7 +185,10 @@ def target1(rep: Report, reps: int, rounds: int) -> None:
 
 def target2(rep: Report, reps: int, rounds: int) -> None:
     ov = [*BASE, f"rounds={rounds}", "evaluation.every=1"]
-    print(f"[2] ray runtime vs plain Flower run_simulation, and inline; {reps} interleaved repetitions; load {load()}", flush=True)
+    print(
+        f"[2] ray runtime vs plain Flower run_simulation, and inline; {reps} interleaved repetitions; load {load()}",
+        flush=True,
+    )
     ray, flw, inl = [], [], []
     for _ in range(reps):
         ray.append(run_job("fedsim", {"overrides": [*ov, "runtime=ray"]})["work_s"])
@@ -160,9 +196,27 @@ def target2(rep: Report, reps: int, rounds: int) -> None:
         inl.append(run_job("fedsim", {"overrides": ov})["work_s"])
     r = [a / b for a, b in zip(ray, flw)]
     ri = [a / b for a, b in zip(ray, inl)]
-    rep.add(Row("2. fedsim `ray` / hand-written Flower app (run_simulation, FedAvg.start)", f"{med(r):.3f}", "<= 1.10", verdict(med(r) <= 1.10), f"Ray start-up included on both sides; load {load()}"))
-    rep.add(Row("2b. fedsim `ray` / fedsim `inline` (2 cores)", f"{med(ri):.3f}", "reported", "REPORTED", "Ray: 2 client actors in parallel, plus Ray start-up"))
-    rep.detail(f"Target 2 ({len(ray)} reps, {rounds} rounds, evaluation every round on both): seconds fedsim ray {fmt_list(ray, 1)}, Flower {fmt_list(flw, 1)}, fedsim inline {fmt_list(inl, 1)}.")
+    rep.add(
+        Row(
+            "2. fedsim `ray` / hand-written Flower app (run_simulation, FedAvg.start)",
+            f"{med(r):.3f}",
+            "<= 1.10",
+            verdict(med(r) <= 1.10),
+            f"Ray start-up included on both sides; load {load()}",
+        )
+    )
+    rep.add(
+        Row(
+            "2b. fedsim `ray` / fedsim `inline` (2 cores)",
+            f"{med(ri):.3f}",
+            "reported",
+            "REPORTED",
+            "Ray: 2 client actors in parallel, plus Ray start-up",
+        )
+    )
+    rep.detail(
+        f"Target 2 ({len(ray)} reps, {rounds} rounds, evaluation every round on both): seconds fedsim ray {fmt_list(ray, 1)}, Flower {fmt_list(flw, 1)}, fedsim inline {fmt_list(inl, 1)}."
+    )
 
 
 def target3(rep: Report, reps: int, rounds: int) -> None:
@@ -177,7 +231,17 @@ def target3(rep: Report, reps: int, rounds: int) -> None:
     for name, (strat, args) in configs.items():
         big_r, small_r, runs = [], [], []
         for _ in range(reps):
-            big = run_job("fedsim", {"overrides": [*common, f"data.clients_per_domain={POP_PER_DOMAIN}", strat, args.format(f=10 / (4 * POP_PER_DOMAIN))]})
+            big = run_job(
+                "fedsim",
+                {
+                    "overrides": [
+                        *common,
+                        f"data.clients_per_domain={POP_PER_DOMAIN}",
+                        strat,
+                        args.format(f=10 / (4 * POP_PER_DOMAIN)),
+                    ]
+                },
+            )
             small = run_job("fedsim", {"overrides": [*common, "data.clients_per_domain=2", strat, args.format(f=1.0)]})
             # rounds 2..R-1: training rounds only (round 1 includes start-up, round R the evaluation)
             big_r.append(med(big["round_s"][1:-1]))
@@ -188,9 +252,33 @@ def target3(rep: Report, reps: int, rounds: int) -> None:
         data = runs[0]["data_bytes"]
         startup = max(r["partition_s"] + r["discover_s"] for r in runs)
         m = runs[0]["rss"]
-        rep.add(Row(f"3. {name}: time per round, 100,000 clients / 10 clients (10 sampled, 16 samples each)", f"{ratio:.3f}", "<= 1.20", verdict(ratio <= 1.20), f"{med(big_r):.2f} s vs {med(small_r):.2f} s per round; load {load()}"))
-        rep.add(Row(f"3. {name}: peak RSS, 100,000 clients", f"{peak / GIB:.2f} GiB", f"<= data {data / GIB:.2f} GiB + 1.5 GiB", verdict(peak <= data + 1.5 * GIB), f"clients with state files after {rounds} rounds: {runs[0]['clients_with_state']}"))
-        rep.add(Row(f"3. {name}: start-up, 100,000 clients (partitioning + node discovery)", f"{startup:.1f} s", "<= 30 s", verdict(startup <= 30), f"building the toy data itself: {runs[0]['scenario_s'] - runs[0]['partition_s']:.1f} s more; load {load()}"))
+        rep.add(
+            Row(
+                f"3. {name}: time per round, 100,000 clients / 10 clients (10 sampled, 16 samples each)",
+                f"{ratio:.3f}",
+                "<= 1.20",
+                verdict(ratio <= 1.20),
+                f"{med(big_r):.2f} s vs {med(small_r):.2f} s per round; load {load()}",
+            )
+        )
+        rep.add(
+            Row(
+                f"3. {name}: peak RSS, 100,000 clients",
+                f"{peak / GIB:.2f} GiB",
+                f"<= data {data / GIB:.2f} GiB + 1.5 GiB",
+                verdict(peak <= data + 1.5 * GIB),
+                f"clients with state files after {rounds} rounds: {runs[0]['clients_with_state']}",
+            )
+        )
+        rep.add(
+            Row(
+                f"3. {name}: start-up, 100,000 clients (partitioning + node discovery)",
+                f"{startup:.1f} s",
+                "<= 30 s",
+                verdict(startup <= 30),
+                f"building the toy data itself: {runs[0]['scenario_s'] - runs[0]['partition_s']:.1f} s more; load {load()}",
+            )
+        )
         mib = lambda v: f"{v / 2**20:.0f}"  # noqa: E731
         rep.detail(
             f"Target 3 {name}: per-round seconds 100,000 clients {fmt_list(big_r, 2)}, 10 clients {fmt_list(small_r, 2)}; peak RSS {fmt_list([r['max_rss_bytes'] / GIB for r in runs], 2)} GiB; "
@@ -212,17 +300,42 @@ def target4(rep: Report, reps: int, device: str, processes: int) -> None:
     pooled = {k: [r for run in runs for r in run["ratios_all"][k]] for k in names}
     ms = {k: med([run["per_batch_ms"][k] for run in runs]) for k in ["plain", *names]}
     limits = {"alpha_bn": 1.10, "unmix_tns": 1.5, "cema_edge": 1.10}
-    labels = {"alpha_bn": "alpha-BN", "unmix_tns": "UnMix-TNS (K=16)", "cema_edge": "CEMA edge (official default `normalization: tbr`; forward + filtering, no cloud)"}
+    labels = {
+        "alpha_bn": "alpha-BN",
+        "unmix_tns": "UnMix-TNS (K=16)",
+        "cema_edge": "CEMA edge (official default `normalization: tbr`; forward + filtering, no cloud)",
+    }
     for k, lim in limits.items():
         v = med(pooled[k])
-        rep.add(Row(f"4. {labels[k]} / plain inference, per batch of 64", f"{v:.3f}", f"<= {lim:.2f}", verdict(v <= lim), f"{ms[k]:.2f} ms vs {ms['plain']:.2f} ms; load {load()}"))
+        rep.add(
+            Row(
+                f"4. {labels[k]} / plain inference, per batch of 64",
+                f"{v:.3f}",
+                f"<= {lim:.2f}",
+                verdict(v <= lim),
+                f"{ms[k]:.2f} ms vs {ms['plain']:.2f} ms; load {load()}",
+            )
+        )
     reported = {
-        "cema_edge_upload_all": ("4b. CEMA edge uploading every sample (`upload_all`)", "upper bound of what packing uploads as uint8 adds"),
-        "cema_edge_source_bn": ("4b. CEMA edge keeping the source BatchNorms (`normalization: source`)", "forward + filter, no statistics pass"),
-        "tbn": ("4b. TBN (test-batch statistics, no filter)", "the statistics pass CEMA's former variant (`normalization: batch`) included"),
+        "cema_edge_upload_all": (
+            "4b. CEMA edge uploading every sample (`upload_all`)",
+            "upper bound of what packing uploads as uint8 adds",
+        ),
+        "cema_edge_source_bn": (
+            "4b. CEMA edge keeping the source BatchNorms (`normalization: source`)",
+            "forward + filter, no statistics pass",
+        ),
+        "tbn": (
+            "4b. TBN (test-batch statistics, no filter)",
+            "the statistics pass CEMA's former variant (`normalization: batch`) included",
+        ),
     }
     for k, (label, note) in reported.items():
-        rep.add(Row(f"{label} / plain inference", f"{med(pooled[k]):.3f}", "reported", "REPORTED", f"{ms[k]:.2f} ms; {note}"))
+        rep.add(
+            Row(
+                f"{label} / plain inference", f"{med(pooled[k]):.3f}", "reported", "REPORTED", f"{ms[k]:.2f} ms; {note}"
+            )
+        )
     per_process = "; ".join(f"{k} {fmt_list([med(run['ratios_all'][k]) for run in runs])}" for k in names)
     plain = fmt_list([run["per_batch_ms"]["plain"] for run in runs], 2)
     rep.detail(
@@ -235,7 +348,15 @@ def target4(rep: Report, reps: int, device: str, processes: int) -> None:
 def target5(rep: Report) -> None:
     print(f"[5] default scenario end to end; load {load()}", flush=True)
     wall = run_cli([])
-    rep.add(Row("5. `fedsim run scenarios/multidomain.yaml` (whole process, data cached)", f"{wall:.1f} s", "< 180 s", verdict(wall < 180), f"load {load()}"))
+    rep.add(
+        Row(
+            "5. `fedsim run scenarios/multidomain.yaml` (whole process, data cached)",
+            f"{wall:.1f} s",
+            "< 180 s",
+            verdict(wall < 180),
+            f"load {load()}",
+        )
+    )
 
 
 def target6(rep: Report, device: str, rounds: int) -> None:
@@ -244,7 +365,15 @@ def target6(rep: Report, device: str, rounds: int) -> None:
     if device != "cuda" or not torch.cuda.is_available():
         note = "CUDA not available on this machine" if not torch.cuda.is_available() else "run with --device cuda"
         print(f"[6] GPU: skipped ({note})", flush=True)
-        rep.add(Row("6. GPU: client-training samples/s vs bare loop; Ray fractional GPUs", "-", ">= 0.9; no OOM", "SKIPPED", note))
+        rep.add(
+            Row(
+                "6. GPU: client-training samples/s vs bare loop; Ray fractional GPUs",
+                "-",
+                ">= 0.9; no OOM",
+                "SKIPPED",
+                note,
+            )
+        )
         return
     print(f"[6] GPU; load {load()}", flush=True)
     ov = [*BASE, f"rounds={rounds}", f"evaluation.every={rounds}", "device=cuda"]
@@ -252,18 +381,49 @@ def target6(rep: Report, device: str, rounds: int) -> None:
     b = run_job("bare", {"overrides": ov})
     samples = b["samples"]
     sps_f, sps_b = samples / a["work_s"], samples / b["work_s"]
-    rep.add(Row("6. GPU: fedsim samples/s / bare loop samples/s (whole run)", f"{sps_f / sps_b:.3f}", ">= 0.90", verdict(sps_f / sps_b >= 0.9), f"{sps_f:.0f} vs {sps_b:.0f} samples/s"))
+    rep.add(
+        Row(
+            "6. GPU: fedsim samples/s / bare loop samples/s (whole run)",
+            f"{sps_f / sps_b:.3f}",
+            ">= 0.90",
+            verdict(sps_f / sps_b >= 0.9),
+            f"{sps_f:.0f} vs {sps_b:.0f} samples/s",
+        )
+    )
     try:
         r = run_job("fedsim", {"overrides": [*ov, "runtime={name: ray, gpus_per_client: 0.25, cpus_per_client: 1}"]})
-        rep.add(Row("6. GPU: Ray runtime, 4 clients per GPU (gpus_per_client 0.25)", f"completed in {r['work_s']:.1f} s", "no OOM", "PASS"))
+        rep.add(
+            Row(
+                "6. GPU: Ray runtime, 4 clients per GPU (gpus_per_client 0.25)",
+                f"completed in {r['work_s']:.1f} s",
+                "no OOM",
+                "PASS",
+            )
+        )
     except RuntimeError as exc:
-        rep.add(Row("6. GPU: Ray runtime, 4 clients per GPU (gpus_per_client 0.25)", "failed", "no OOM", "FAIL", str(exc).splitlines()[0][:200]))
+        rep.add(
+            Row(
+                "6. GPU: Ray runtime, 4 clients per GPU (gpus_per_client 0.25)",
+                "failed",
+                "no OOM",
+                "FAIL",
+                str(exc).splitlines()[0][:200],
+            )
+        )
 
 
 def stretch(rep: Report, reps: int, device: str) -> None:
     print(f"[S] torch.func: 10 clients at once vs sequential; load {load()}", flush=True)
     res = run_job("vmap", {"clients": 10, "steps": 10, "reps": reps, "device": device})
-    rep.add(Row("S. stretch: 10 clients x 10 SGD steps, vmap(grad(functional_call)) vs sequential", f"{res['speedup']:.2f}x", "reported", "REPORTED", f"sequential {res['sequential_s']:.2f} s, vmap {res['vmap_s']:.2f} s; parameters agree to {res['max_param_diff']:.1e}"))
+    rep.add(
+        Row(
+            "S. stretch: 10 clients x 10 SGD steps, vmap(grad(functional_call)) vs sequential",
+            f"{res['speedup']:.2f}x",
+            "reported",
+            "REPORTED",
+            f"sequential {res['sequential_s']:.2f} s, vmap {res['vmap_s']:.2f} s; parameters agree to {res['max_param_diff']:.1e}",
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +448,12 @@ def hardware() -> list[str]:
 
 
 def markdown(rep: Report, args: argparse.Namespace, load_before: str, load_after: str, seconds: float) -> str:
-    cmd = "python -m benchmarks.perf" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "") + (f" --device {args.device}" if args.device != "cpu" else "")
+    cmd = (
+        "python -m benchmarks.perf"
+        + (" --quick" if args.quick else "")
+        + (f" --only {args.only}" if args.only else "")
+        + (f" --device {args.device}" if args.device != "cpu" else "")
+    )
     lines = [
         "| target | measured | limit | result | notes |",
         "|---|---|---|---|---|",
@@ -321,7 +486,9 @@ def keep_previous(path: Path, rep: Report, only: set[str]) -> None:
     if not path.exists() or start not in path.read_text():
         return
     block = path.read_text().split(start, 1)[1].split(end, 1)[0]
-    date = next((ln.split(":", 1)[1].strip() for ln in block.splitlines() if ln.startswith("- date:")), "in an earlier run")
+    date = next(
+        (ln.split(":", 1)[1].strip() for ln in block.splitlines() if ln.startswith("- date:")), "in an earlier run"
+    )
     cpu = next((ln.split(":", 1)[1].split(";")[0].strip() for ln in block.splitlines() if ln.startswith("- CPU:")), "")
     date = f"{date}, {cpu}" if cpu else date
     kept: list[Row] = []
@@ -331,12 +498,21 @@ def keep_previous(path: Path, rep: Report, only: set[str]) -> None:
             continue
         note = cells[4] if "(measured " in cells[4] else f"{cells[4]} (measured {date})".strip()
         kept.append(Row(cells[0], cells[1], cells[2], cells[3], note))
-    rep.rows = sorted([*rep.rows, *kept], key=lambda r: ORDER.index(_target_of(r.target)) if _target_of(r.target) in ORDER else len(ORDER))
+    rep.rows = sorted(
+        [*rep.rows, *kept],
+        key=lambda r: ORDER.index(_target_of(r.target)) if _target_of(r.target) in ORDER else len(ORDER),
+    )
     for ln in block.splitlines():
         if ln.startswith("- Target ") and _target_of(ln[len("- Target ") :].split(" ", 1)[0] + ".") not in only:
             text = ln[2:]
             rep.details.append(text if "(measured " in text else f"{text} (measured {date})")
-    rep.details.sort(key=lambda d: ORDER.index(_target_of(d[len("Target ") :].split(" ", 1)[0] + ".")) if d.startswith("Target ") and _target_of(d[len("Target ") :].split(" ", 1)[0] + ".") in ORDER else len(ORDER))
+    rep.details.sort(
+        key=lambda d: (
+            ORDER.index(_target_of(d[len("Target ") :].split(" ", 1)[0] + "."))
+            if d.startswith("Target ") and _target_of(d[len("Target ") :].split(" ", 1)[0] + ".") in ORDER
+            else len(ORDER)
+        )
+    )
 
 
 def write_doc(path: Path, table: str) -> None:
@@ -356,10 +532,14 @@ def write_doc(path: Path, table: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one repetition, fewer rounds (a smoke run; numbers are noisier)")
+    ap.add_argument(
+        "--quick", action="store_true", help="one repetition, fewer rounds (a smoke run; numbers are noisier)"
+    )
     ap.add_argument("--only", default="", help="comma-separated targets: 1,2,3,4,5,6,S")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of targets 4, 6 and S")
-    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions per ratio (default 5; 1 with --quick)")
+    ap.add_argument(
+        "--reps", type=int, default=None, help="interleaved repetitions per ratio (default 5; 1 with --quick)"
+    )
     ap.add_argument("--out", default=None, help="markdown file to write (e.g. docs/performance.md)")
     args = ap.parse_args(argv)
     only = {t.strip().upper() for t in args.only.split(",") if t.strip()} or {"1", "2", "3", "4", "5", "6", "S"}
@@ -367,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 2 if args.quick else 5
     cuda_ok = _cuda()
     if args.device == "cuda" and not cuda_ok:
-        print("note: --device cuda but CUDA is not available here: target 6 is skipped, the others run on the CPU", flush=True)
+        print(
+            "note: --device cuda but CUDA is not available here: target 6 is skipped, the others run on the CPU",
+            flush=True,
+        )
     device = "cuda" if args.device == "cuda" and cuda_ok else "cpu"
     t0 = time.perf_counter()
     load_before = load()

@@ -67,7 +67,9 @@ def _records_frame(records: list[dict[str, Any]]) -> Any:
     try:
         import pandas as pd
     except ImportError:
-        raise ImportError("to_pandas needs pandas (pip install pandas); the records are plain dicts without it") from None
+        raise ImportError(
+            "to_pandas needs pandas (pip install pandas); the records are plain dicts without it"
+        ) from None
 
     return pd.json_normalize(records)  # nested dicts become columns: per_domain.<domain>, ...
 
@@ -166,7 +168,9 @@ def _overrides(overrides: Overrides) -> list[str] | dict[str, Any]:
     if overrides is None:
         return []
     if isinstance(overrides, str):  # one text would otherwise be split into characters
-        raise ScenarioError(f"overrides: expected a list of key.sub=value texts or a mapping, got the text {overrides!r}")
+        raise ScenarioError(
+            f"overrides: expected a list of key.sub=value texts or a mapping, got the text {overrides!r}"
+        )
     return dict(overrides) if isinstance(overrides, dict) else list(overrides)
 
 
@@ -178,7 +182,9 @@ def _raw(scenario: ScenarioLike) -> tuple[dict[str, Any], str]:
         return scenario, "<dict>"
     if isinstance(scenario, (str, Path)):
         return read_yaml(Path(scenario)), str(scenario)
-    raise ScenarioError(f"scenario: expected a YAML file path, a mapping or a fedsim Scenario, got {type(scenario).__name__}")
+    raise ScenarioError(
+        f"scenario: expected a YAML file path, a mapping or a fedsim Scenario, got {type(scenario).__name__}"
+    )
 
 
 def load(scenario: ScenarioLike, overrides: Overrides = None) -> Scenario:
@@ -189,7 +195,13 @@ def load(scenario: ScenarioLike, overrides: Overrides = None) -> Scenario:
 
 
 def _raw_source(scenario: ScenarioLike) -> str:
-    return str(scenario) if isinstance(scenario, (str, Path)) else "<Scenario>" if isinstance(scenario, Scenario) else "<dict>"
+    return (
+        str(scenario)
+        if isinstance(scenario, (str, Path))
+        else "<Scenario>"
+        if isinstance(scenario, Scenario)
+        else "<dict>"
+    )
 
 
 # -- the three commands --------------------------------------------------------------------
@@ -225,16 +237,22 @@ def run(
             warnings.warn(text, RuntimeWarning, stacklevel=2)
         sc, folder = job.scenario, job.run.path
         if say:
-            say(f"{sc.name}: {sc.strategy.name} on {sc.data.dataset}, {num_clients(sc.data)} clients, {sc.rounds} rounds, seed {sc.seed}, runtime {sc.runtime.name} -> {folder}")
+            say(
+                f"{sc.name}: {sc.strategy.name} on {sc.data.dataset}, {num_clients(sc.data)} clients, {sc.rounds} rounds, seed {sc.seed}, runtime {sc.runtime.name} -> {folder}"
+            )
         on_round = (lambda record: say(round_line(record, sc.rounds))) if say else None
         with _library_logs(verbose):
             trained = train(job, on_round)
             if say:
-                say(f"done in {trained.wall_s:.1f}s; final accuracy {trained.summary['final_accuracy']}; results in {folder}")
+                say(
+                    f"done in {trained.wall_s:.1f}s; final accuracy {trained.summary['final_accuracy']}; results in {folder}"
+                )
             adapted = adapt_trained_run(job.run, sc, job.source, log=say) if sc.adaptation is not None else None
         if say and adapted is not None:
             say(f"adaptation done in {adapted.summary['wall_s']:.1f}s; results in {folder}")
-        return RunResult(Path(folder), sc, trained.records, trained.summary, adapted.summary if adapted else None, job.warnings)
+        return RunResult(
+            Path(folder), sc, trained.records, trained.summary, adapted.summary if adapted else None, job.warnings
+        )
 
 
 def adapt(
@@ -319,7 +337,13 @@ def sweep(
             raise ScenarioError("sweep: give a scenario file (and a grid), or resume=SWEEP_FOLDER")
         if isinstance(grid, str):
             raise ScenarioError(f"grid: expected a list of key=v1,v2,... texts, got the text {grid!r}")
-        parsed = parse_seeds(seeds) if isinstance(seeds, str) else parse_seeds(",".join(map(str, seeds))) if seeds is not None else None
+        parsed = (
+            parse_seeds(seeds)
+            if isinstance(seeds, str)
+            else parse_seeds(",".join(map(str, seeds)))
+            if seeds is not None
+            else None
+        )
         spec = parse_sweep_args(scenario, list(grid), parsed)
         folder = Path(out) if out is not None else None
     failures: dict[str, str] = {}

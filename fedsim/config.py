@@ -21,8 +21,18 @@ from fedsim.tracking.config import TrackingConfig
 from fedsim.tta.config import AdaptationConfig
 
 __all__ = [
-    "MAX_SEED", "AdaptationConfig", "ClientConfig", "DataConfig", "EdgeConfig", "EvaluationConfig",
-    "FaultConfig", "ModelConfig", "RuntimeConfig", "Scenario", "ScenarioError", "StrategyConfig",
+    "MAX_SEED",
+    "AdaptationConfig",
+    "ClientConfig",
+    "DataConfig",
+    "EdgeConfig",
+    "EvaluationConfig",
+    "FaultConfig",
+    "ModelConfig",
+    "RuntimeConfig",
+    "Scenario",
+    "ScenarioError",
+    "StrategyConfig",
 ]
 
 
@@ -62,7 +72,9 @@ class ClientConfig(Section):
     local_epochs: int = Field(1, ge=1)
     local_steps: int | None = Field(None, ge=1, description="fixed number of steps instead of epochs")
     drop_last: bool = False
-    agc_lambda: float | None = Field(None, ge=0, description="adaptive gradient clipping factor for any strategy (FedWon's AGC)")
+    agc_lambda: float | None = Field(
+        None, ge=0, description="adaptive gradient clipping factor for any strategy (FedWon's AGC)"
+    )
 
 
 class StrategyConfig(Section):
@@ -106,7 +118,9 @@ class Scenario(Section):
     faults: FaultConfig = Field(default_factory=FaultConfig)
     adaptation: AdaptationConfig | None = Field(None, description="test-time adaptation after training (docs/tta.md)")
     edge: EdgeConfig | None = Field(None, description="the edge demo on Flower's deployment runtime (docs/edge.md)")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard / MLflow / W&B sinks (README, Tracking)")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="TensorBoard / MLflow / W&B sinks (README, Tracking)"
+    )
 
     @field_validator("name")
     @classmethod

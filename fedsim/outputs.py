@@ -37,10 +37,20 @@ JSON_WRITER = "fedsim report"  # the "written_by" of report.json
 
 # Top-level entries each kind of folder may hold (besides the marker and atomic-write temps).
 ADAPTATION_ENTRIES = frozenset({"adaptation.yaml", "adaptation.jsonl", "adaptation_summary.json", "adaptation.png"})
-RUN_ENTRIES = frozenset({
-    "scenario.yaml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints", "clients",
-    "foundation", "edge", ".lock", *ADAPTATION_ENTRIES,
-})
+RUN_ENTRIES = frozenset(
+    {
+        "scenario.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "accuracy.png",
+        "checkpoints",
+        "clients",
+        "foundation",
+        "edge",
+        ".lock",
+        *ADAPTATION_ENTRIES,
+    }
+)
 CERT_ENTRIES = frozenset({"ca.crt", "server.pem", "server.key"})
 SWEEP_ENTRIES = frozenset({"sweep.json", "sweep.md", "sweep.png", ".lock"})  # plus one run folder per point
 CERT_CA_NAME = "fedsim demo CA"  # common name of the CA fedsim edge certs issues
@@ -67,7 +77,9 @@ def check_location(path: Path, what: str) -> None:
     """Refuse an output folder that is the working directory, one of its parents, a link
     or a file: fedsim would write among (or later replace) what is not its own."""
     if is_cwd_or_parent(path):
-        raise UnsafeOutput(f"{path}: is the working directory or one of its parents; give the {what} its own folder (--out)")
+        raise UnsafeOutput(
+            f"{path}: is the working directory or one of its parents; give the {what} its own folder (--out)"
+        )
     if path.is_symlink():
         raise UnsafeOutput(f"{path}: is a symbolic link; give the {what} a real folder")
     if path.exists() and not path.is_dir():
@@ -124,7 +136,15 @@ def ownership_problem(folder: Path, kind: str) -> str | None:
             if always not in names or not any(n in names for n in one_of):
                 return f"it has no {MARKER} marker and is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} folder fedsim wrote"
     allowed = ENTRIES[kind]
-    foreign = sorted(n for n in names if n != MARKER and n not in allowed and not _is_temp(n) and not (kind == "run" and n.startswith("adapt-")) and not (kind == "sweep" and ownership_problem(folder / n, "run") is None))
+    foreign = sorted(
+        n
+        for n in names
+        if n != MARKER
+        and n not in allowed
+        and not _is_temp(n)
+        and not (kind == "run" and n.startswith("adapt-"))
+        and not (kind == "sweep" and ownership_problem(folder / n, "run") is None)
+    )
     if foreign:
         return f"it holds files fedsim did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
     if kind == "run":  # adaptation outputs kept inside a run folder must be fedsim's too
@@ -155,7 +175,9 @@ def create_folder(folder: Path, kind: str, overwrite: bool, exists_message: str)
     An existing empty folder is used as is; a non-empty one raises ``exists_message`` unless
     ``overwrite``, and is then replaced only when it is fedsim's (:func:`remove_owned`)."""
     check_location(folder, f"{kind} folder")
-    if folder.is_dir() and any(p.name != ".lock" for p in folder.iterdir()):  # .lock: fedsim.runlock's, held by this process
+    if folder.is_dir() and any(
+        p.name != ".lock" for p in folder.iterdir()
+    ):  # .lock: fedsim.runlock's, held by this process
         if not overwrite:
             raise UnsafeOutput(exists_message)
         remove_owned(folder, kind)
@@ -199,7 +221,9 @@ def check_file_target(path: Path, overwrite: bool, owned: bool | None = None) ->
     if not overwrite:
         raise UnsafeOutput(f"{path}: exists; pass --overwrite to replace it or --out to choose another path")
     if not (png_written_by_fedsim(path) if owned is None else owned):
-        raise UnsafeOutput(f"{path}: not replaced: fedsim did not write it; move it away yourself or choose another --out")
+        raise UnsafeOutput(
+            f"{path}: not replaced: fedsim did not write it; move it away yourself or choose another --out"
+        )
 
 
 def check_out_folder(out: str | Path, option: str = "--out") -> None:

@@ -123,9 +123,13 @@ class Registry(Generic[T]):
             obj = ep.load()
         except Exception as exc:  # a broken plug-in is the user's bad input, named in one line
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise RegistryError(f"{self.kind} '{name}': entry point '{ep.value}' (group {self._group}) failed to load ({detail})") from None
+            raise RegistryError(
+                f"{self.kind} '{name}': entry point '{ep.value}' (group {self._group}) failed to load ({detail})"
+            ) from None
         if name in self._items and self._items[name] is not obj:  # its module registered another object under this name
-            raise RegistryError(f"{self.kind} '{name}' is registered twice (entry point '{ep.value}' names another object)")
+            raise RegistryError(
+                f"{self.kind} '{name}' is registered twice (entry point '{ep.value}' names another object)"
+            )
         self._items[name] = obj
         return obj
 
@@ -159,7 +163,9 @@ def constructor_params(cls: type) -> tuple[set[str], bool]:
         if "__init__" not in vars(klass) or klass is object:
             continue
         params = inspect.signature(klass.__init__).parameters
-        names.update(n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self")
+        names.update(
+            n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"
+        )
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             return names, False
     return names, True

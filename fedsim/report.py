@@ -44,8 +44,19 @@ from fedsim.results import ADAPTATION_SUMMARY, RunFolder
 from fedsim.schema import ScenarioError
 
 __all__ = [
-    "Group", "ReportError", "Run", "build_report", "group_runs", "markdown", "pm", "read_run", "report_figure",
-    "report_paths", "run_numbers", "stats", "write_report",
+    "Group",
+    "ReportError",
+    "Run",
+    "build_report",
+    "group_runs",
+    "markdown",
+    "pm",
+    "read_run",
+    "report_figure",
+    "report_paths",
+    "run_numbers",
+    "stats",
+    "write_report",
 ]
 
 UNGROUPED = ("seed", "name")  # top-level scenario keys that may differ inside a group
@@ -146,8 +157,14 @@ def read_run(path: Path) -> Run:
     try:
         scenario = safe_yaml.load(run.scenario_file.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ReportError(f"{run.scenario_file}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    if not isinstance(scenario, dict) or not isinstance(scenario.get("strategy"), dict) or not isinstance(scenario.get("data"), dict):
+        raise ReportError(
+            f"{run.scenario_file}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    if (
+        not isinstance(scenario, dict)
+        or not isinstance(scenario.get("strategy"), dict)
+        or not isinstance(scenario.get("data"), dict)
+    ):
         raise ReportError(f"{run.scenario_file}: not a resolved fedsim scenario (no strategy or data section)")
     records = run.read_metrics()  # MetricsError (a ScenarioError, one line) for a damaged file
     evaluated = [r for r in records if r.get("accuracy") is not None]
@@ -155,7 +172,10 @@ def read_run(path: Path) -> Run:
         raise ReportError(f"{run.metrics_file}: no evaluated round yet")
     try:
         numbers = run_numbers(run.path)
-        curve = [{"round": r["round"], "accuracy": float(r["accuracy"]), "mb_up": r["bytes_up_total"] / 1e6} for r in evaluated]
+        curve = [
+            {"round": r["round"], "accuracy": float(r["accuracy"]), "mb_up": r["bytes_up_total"] / 1e6}
+            for r in evaluated
+        ]
     except (KeyError, TypeError) as exc:
         raise ReportError(f"{run.metrics_file}: a record lacks {exc} (not written by this fedsim?)") from None
     return Run(run.path, scenario, numbers, curve, run.summary_file.is_file())
@@ -293,8 +313,24 @@ def accuracy_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for g in doc["groups"]:
         rounds = str(g["rounds"]) + (f" ({g['unfinished']} of {len(g['runs'])} unfinished)" if g["unfinished"] else "")
-        per_domain = [f"{s['mean']:.4f}" if (s := g["final_per_domain"].get(d)) and s["mean"] is not None else "-" for d in domains]
-        rows.append([g["label"], str(g["strategy"]), str(g["dataset"]), rounds, _seed_list(g["seeds"]), pm(g["final_accuracy"]), pm(g["best_accuracy"]), *per_domain, pm(g["mb_up"], 2), pm(g["mb_down"], 2)])
+        per_domain = [
+            f"{s['mean']:.4f}" if (s := g["final_per_domain"].get(d)) and s["mean"] is not None else "-"
+            for d in domains
+        ]
+        rows.append(
+            [
+                g["label"],
+                str(g["strategy"]),
+                str(g["dataset"]),
+                rounds,
+                _seed_list(g["seeds"]),
+                pm(g["final_accuracy"]),
+                pm(g["best_accuracy"]),
+                *per_domain,
+                pm(g["mb_up"], 2),
+                pm(g["mb_down"], 2),
+            ]
+        )
     return head, rows
 
 
@@ -317,30 +353,45 @@ def adaptation_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]] |
 
 
 def _markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(map(_cell, head)) + " |", "|" + "---|" * len(head), *("| " + " | ".join(map(_cell, r)) + " |" for r in rows)]
+    return [
+        "| " + " | ".join(map(_cell, head)) + " |",
+        "|" + "---|" * len(head),
+        *("| " + " | ".join(map(_cell, r)) + " |" for r in rows),
+    ]
 
 
 def markdown(doc: dict[str, Any]) -> str:
     """``report.md``: the accuracy table, the adaptation table when runs adapted, and which
     folders each group holds. Its first line lets a later report replace it."""
     lines = [
-        MD_HEADER, f"# {doc['title']}", "",
+        MD_HEADER,
+        f"# {doc['title']}",
+        "",
         (
             "One row per group of runs whose resolved scenarios are equal except seed and name; "
             "mean ± std over the group's runs (population std, ddof=0). accuracy: mean test accuracy over domains at the final "
             "evaluated round (best: the best round); per-domain columns: the mean final accuracy."
         ),
-        "", *_markdown_table(*accuracy_table(doc)),
+        "",
+        *_markdown_table(*accuracy_table(doc)),
     ]
     if (adapt := adaptation_table(doc)) is not None:
         lines += [
-            "", "## Test-time adaptation", "",
+            "",
+            "## Test-time adaptation",
+            "",
             "Each adapter's online error (each run's mean over edges and stream seeds, adaptation_summary.json); mean ± std over the group's runs.",
-            "", *_markdown_table(*adapt),
+            "",
+            *_markdown_table(*adapt),
         ]
     lines += ["", "## Runs", ""]
     for g in doc["groups"]:
-        lines.append(f"- {g['label']}: " + ", ".join(f"`{r['folder']}` (seed {r['seed']}{'' if r['finished'] else ', unfinished'})" for r in g["runs"]))
+        lines.append(
+            f"- {g['label']}: "
+            + ", ".join(
+                f"`{r['folder']}` (seed {r['seed']}{'' if r['finished'] else ', unfinished'})" for r in g["runs"]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -354,7 +405,9 @@ def report_figure(doc: dict[str, Any]) -> Any:
     for g in doc["groups"]:
         c = g["curve"]
         mean, std = np.asarray(c["accuracy_mean"]), np.asarray(c["accuracy_std"])
-        (line,) = a1.plot(c["round"], mean, marker="o" if len(mean) < 3 else None, label=f"{g['label']} (n={len(g['runs'])})")
+        (line,) = a1.plot(
+            c["round"], mean, marker="o" if len(mean) < 3 else None, label=f"{g['label']} (n={len(g['runs'])})"
+        )
         if len(g["runs"]) > 1:
             a1.fill_between(c["round"], mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
         a2.plot(c["mb_up_mean"], mean, color=line.get_color(), marker="o" if len(mean) < 3 else None)

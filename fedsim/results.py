@@ -59,7 +59,12 @@ class RunFolder:
         if held:
             run.lock()
         try:
-            create_folder(run.path, "run", overwrite, f"{run.path}: run folder exists; pass --overwrite to replace it, --resume {run.path} to continue it, or --out to choose another")
+            create_folder(
+                run.path,
+                "run",
+                overwrite,
+                f"{run.path}: run folder exists; pass --overwrite to replace it, --resume {run.path} to continue it, or --out to choose another",
+            )
             if held and not (run.path / LOCK_FILE).exists():  # replaced: the old hold went with the old folder
                 run.unlock()
                 held = False
@@ -114,12 +119,18 @@ class RunFolder:
             except json.JSONDecodeError:
                 if i == len(lines):
                     break  # a torn last line from a kill: everything before it is good
-                raise MetricsError(f"{self.metrics_file}: line {i}: not valid JSON (damaged file; fix or remove the line)") from None
+                raise MetricsError(
+                    f"{self.metrics_file}: line {i}: not valid JSON (damaged file; fix or remove the line)"
+                ) from None
             rnd = record.get("round") if isinstance(record, dict) else None
             if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
-                raise MetricsError(f"{self.metrics_file}: line {i}: not a metrics record (no positive integer 'round'); fix or remove the line")
+                raise MetricsError(
+                    f"{self.metrics_file}: line {i}: not a metrics record (no positive integer 'round'); fix or remove the line"
+                )
             if out and rnd <= out[-1]["round"]:
-                raise MetricsError(f"{self.metrics_file}: line {i}: round {rnd} after round {out[-1]['round']} (rounds must rise; fix or remove the line)")
+                raise MetricsError(
+                    f"{self.metrics_file}: line {i}: round {rnd} after round {out[-1]['round']} (rounds must rise; fix or remove the line)"
+                )
             out.append(record)
         return out
 

@@ -42,7 +42,9 @@ def lock_folder(folder: Path) -> None:
         finally:
             os.close(fd)
         who = f" (pid {holder})" if holder.isdigit() else ""
-        raise FolderLocked(f"{folder}: run folder is being written by another fedsim process{who}; wait for it to finish or stop it first") from None
+        raise FolderLocked(
+            f"{folder}: run folder is being written by another fedsim process{who}; wait for it to finish or stop it first"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _held[key] = (fd, 1)

@@ -38,8 +38,21 @@ from fedsim.tta.experiment import SUMMARY as ADAPTATION_SUMMARY
 from fedsim.tta.experiment import run_adaptation
 
 __all__ = [
-    "AdaptationJob", "AdaptedRun", "OpenRun", "RunInterrupted", "Trained", "adapt", "adapt_trained_run", "after_failure", "describe",
-    "fmt", "open_new_run", "open_resumed_run", "prepare_adaptation", "round_line", "train",
+    "AdaptationJob",
+    "AdaptedRun",
+    "OpenRun",
+    "RunInterrupted",
+    "Trained",
+    "adapt",
+    "adapt_trained_run",
+    "after_failure",
+    "describe",
+    "fmt",
+    "open_new_run",
+    "open_resumed_run",
+    "prepare_adaptation",
+    "round_line",
+    "train",
 ]
 
 
@@ -61,7 +74,11 @@ def round_line(record: dict[str, Any], total_rounds: int) -> str:
 
 
 def resume_advice(run: RunFolder) -> str:
-    return f"continue with: fedsim run --resume {run.path}" if run.resumable() else "no round was checkpointed, so there is nothing to resume"
+    return (
+        f"continue with: fedsim run --resume {run.path}"
+        if run.resumable()
+        else "no round was checkpointed, so there is nothing to resume"
+    )
 
 
 def after_failure(run: RunFolder, created: bool) -> str:
@@ -117,7 +134,9 @@ def _open(run: RunFolder, scenario: Scenario, resume: bool, created: bool, sourc
     return OpenRun(run, scenario, experiment, resume, created, source)
 
 
-def open_new_run(scenario: Scenario, out: str | Path | None = None, *, overwrite: bool = False, source: str = "scenario") -> OpenRun:
+def open_new_run(
+    scenario: Scenario, out: str | Path | None = None, *, overwrite: bool = False, source: str = "scenario"
+) -> OpenRun:
     """A fresh run folder (``out``, default ``runs/<name>``) for a validated scenario;
     ``overwrite`` replaces an existing fedsim run folder (never anything else)."""
     folder = Path(out) if out is not None else Path("runs") / scenario.name
@@ -178,7 +197,9 @@ def train(job: OpenRun, on_round: Callable[[dict[str, Any]], None] | None = None
         run.write_summary(summary)
         plot_accuracy(records, run.plot_file, describe(scenario))
     except OSError as exc:  # e.g. a full disk: the rounds and checkpoints already on disk stay
-        raise RunFailure(f"writing the summary of {run.path} failed: {exc} ({len(records)} evaluated rounds kept in {run.metrics_file}; {resume_advice(run)})") from exc
+        raise RunFailure(
+            f"writing the summary of {run.path} failed: {exc} ({len(records)} evaluated rounds kept in {run.metrics_file}; {resume_advice(run)})"
+        ) from exc
     return Trained(records, summary, time.perf_counter() - t0)
 
 
@@ -205,7 +226,9 @@ def _adapt(
             trackers = build_trackers(tracked, out, phase="adaptation")
             if log_hparams:
                 trackers.log_hparams(tracked)
-        return run_adaptation(model_run, cfg, out, name=name, source=source, log=log, on_batch=trackers.log_batch if trackers else None)
+        return run_adaptation(
+            model_run, cfg, out, name=name, source=source, log=log, on_batch=trackers.log_batch if trackers else None
+        )
     except (ScenarioError, KeyboardInterrupt):
         raise
     except Exception as exc:  # one line, like a run (the cause stays chained)
@@ -223,7 +246,9 @@ class AdaptedRun:
     device_report: Path | None = None
 
 
-def adapt_trained_run(run: RunFolder, scenario: Scenario, source: str, log: Callable[[str], None] | None = None) -> AdaptedRun:
+def adapt_trained_run(
+    run: RunFolder, scenario: Scenario, source: str, log: Callable[[str], None] | None = None
+) -> AdaptedRun:
     """The adaptation phase of a run: adapt the run just trained (its scenario, validated
     when the run started, adaptation section included), results in its folder."""
     assert scenario.adaptation is not None
@@ -269,7 +294,12 @@ def prepare_adaptation(
     check_out_folder(folder)
     # an empty folder the user made is used, but never removed after a failure
     created = not (folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()))
-    create_folder(folder, "adaptation", overwrite, f"{folder}: output folder exists; pass --overwrite to replace it or --out to choose another")
+    create_folder(
+        folder,
+        "adaptation",
+        overwrite,
+        f"{folder}: output folder exists; pass --overwrite to replace it or --out to choose another",
+    )
     resolved = {"name": name, "model_run": str(model_run.path), "adaptation": cfg.model_dump(mode="json")}
     atomic_write_bytes(folder / "adaptation.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
     return AdaptationJob(name, cfg, tracking, model_run, folder, source, created)
@@ -279,9 +309,20 @@ def adapt(job: AdaptationJob, log: Callable[[str], None] | None = None) -> dict[
     """Run a prepared adaptation; returns its summary. A failed one that produced nothing
     leaves no half folder (when this process created it)."""
     # the trackers get the trained run's scenario with this file's name, adaptation and tracking
-    tracked = job.model_run.scenario.model_copy(update={"name": job.name, "adaptation": job.cfg, "tracking": job.tracking})
+    tracked = job.model_run.scenario.model_copy(
+        update={"name": job.name, "adaptation": job.cfg, "tracking": job.tracking}
+    )
     try:
-        return _adapt(job.model_run, job.cfg, job.out, job.name, job.source, log, tracked=tracked if job.tracking.enabled else None, log_hparams=True)
+        return _adapt(
+            job.model_run,
+            job.cfg,
+            job.out,
+            job.name,
+            job.source,
+            log,
+            tracked=tracked if job.tracking.enabled else None,
+            log_hparams=True,
+        )
     except BaseException:
         if job.created and not any(p.name not in ("adaptation.yaml", MARKER) for p in job.out.iterdir()):
             remove_owned(job.out, "adaptation")

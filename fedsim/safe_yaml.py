@@ -67,7 +67,9 @@ class _StrictLoader(yaml.SafeLoader):
                 except TypeError:  # unhashable key: PyYAML reports it below
                     continue
                 if first is not None:
-                    raise YAMLInputError(f"{_line(key_node)}: duplicate key '{_short(key)}' (first given on line {first})")
+                    raise YAMLInputError(
+                        f"{_line(key_node)}: duplicate key '{_short(key)}' (first given on line {first})"
+                    )
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
@@ -113,7 +115,9 @@ def _check_expansion(root: Any) -> None:
             total += size[id(child)]
             deepest = max(deepest, depth[id(child)])
             if total > MAX_VALUES:
-                raise YAMLInputError(f"{_line(node)}: the document expands to more than {MAX_VALUES} values (anchors and aliases)")
+                raise YAMLInputError(
+                    f"{_line(node)}: the document expands to more than {MAX_VALUES} values (anchors and aliases)"
+                )
             if level + deepest > MAX_DEPTH:
                 raise YAMLInputError(f"{_line(node)}: nesting deeper than {MAX_DEPTH} levels (after expanding aliases)")
         on_path.discard(key)

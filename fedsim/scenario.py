@@ -126,7 +126,9 @@ def read_text_file(path: Path) -> str:
     if not stat.S_ISREG(info.st_mode):
         raise ScenarioError(f"{source}: not a regular file (a FIFO, socket or device); expected a scenario YAML file")
     if info.st_size > safe_yaml.MAX_BYTES:
-        raise ScenarioError(f"{source}: larger than {safe_yaml.MAX_BYTES // 1_000_000} MB; a scenario is a small text file")
+        raise ScenarioError(
+            f"{source}: larger than {safe_yaml.MAX_BYTES // 1_000_000} MB; a scenario is a small text file"
+        )
     try:
         # O_NONBLOCK: should the path have become a FIFO since the stat, open does not block
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -140,7 +142,9 @@ def read_text_file(path: Path) -> str:
         except OSError as exc:
             raise ScenarioError(f"{source}: cannot read: {exc.strerror or exc}") from None
     if len(data) > safe_yaml.MAX_BYTES:
-        raise ScenarioError(f"{source}: larger than {safe_yaml.MAX_BYTES // 1_000_000} MB; a scenario is a small text file")
+        raise ScenarioError(
+            f"{source}: larger than {safe_yaml.MAX_BYTES // 1_000_000} MB; a scenario is a small text file"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -203,7 +207,9 @@ def adaptation_from_raw(raw: dict[str, Any], source: str) -> tuple[str, Adaptati
     return scenario.name, scenario.adaptation, scenario.tracking
 
 
-def load_adaptation_file(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> tuple[str, AdaptationConfig, TrackingConfig]:
+def load_adaptation_file(
+    path: str | Path, overrides: list[str] | dict[str, Any] | None = None
+) -> tuple[str, AdaptationConfig, TrackingConfig]:
     """Read an adapt scenario file, override and validate it (:func:`adaptation_from_raw`)."""
     path = Path(path)
     return adaptation_from_raw(apply_overrides(read_yaml(path), overrides or []), str(path))
@@ -213,7 +219,14 @@ def load_adaptation_file(path: str | Path, overrides: list[str] | dict[str, Any]
 
 # Flower strategy arguments that make the server wait until that many clients connect;
 # larger than the population, the run waits forever. Current names, then Flower's older ones.
-MIN_NODE_ARGS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes", "min_available_clients", "min_fit_clients", "min_evaluate_clients")
+MIN_NODE_ARGS = (
+    "min_available_nodes",
+    "min_train_nodes",
+    "min_evaluate_nodes",
+    "min_available_clients",
+    "min_fit_clients",
+    "min_evaluate_clients",
+)
 # (fraction, minimum) pairs: a round samples max(int(fraction * clients), minimum) clients.
 SAMPLING_ARGS = (("fraction_train", "min_train_nodes"), ("fraction_fit", "min_fit_clients"))
 
@@ -249,7 +262,9 @@ def _registered(registry: Any, name: str, key: str, source: str) -> Any:
 def check_strategy(scenario: Scenario, source: str, num_clients: int) -> None:
     cls = _registered(STRATEGIES, scenario.strategy.name, "strategy.name", source)
     if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
-        fail(source, "strategy.name", f"'{scenario.strategy.name}' is not a subclass of flwr.serverapp.strategy.Strategy")
+        fail(
+            source, "strategy.name", f"'{scenario.strategy.name}' is not a subclass of flwr.serverapp.strategy.Strategy"
+        )
     params, accepts_any = constructor_params(cls)
     check_finite(scenario.strategy.args, "strategy.args", source)
     for key, value in scenario.strategy.args.items():
@@ -286,11 +301,19 @@ def check_sampling(strategy: Any, scenario: Scenario, source: str, n: int) -> No
         value = getattr(strategy, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > n:
             origin = "" if name in given else f" (the default of {type(strategy).__name__}; set it)"
-            fail(source, f"strategy.args.{name}", f"{value} is more than the run's {n} client{'s' if n != 1 else ''}: the server would wait for them forever{origin}")
+            fail(
+                source,
+                f"strategy.args.{name}",
+                f"{value} is more than the run's {n} client{'s' if n != 1 else ''}: the server would wait for them forever{origin}",
+            )
     for fraction, minimum in SAMPLING_ARGS:
         frac, low = getattr(strategy, fraction, None), getattr(strategy, minimum, 0)
         if isinstance(frac, (int, float)) and isinstance(low, int) and max(int(frac * n), low) == 0:
-            fail(source, f"strategy.args.{fraction}", f"{frac} of {n} clients samples no client in a round (raise it to >= {1 / n:.3g} or set {minimum} >= 1)")
+            fail(
+                source,
+                f"strategy.args.{fraction}",
+                f"{frac} of {n} clients samples no client in a round (raise it to >= {1 / n:.3g} or set {minimum} >= 1)",
+            )
 
 
 def check_model(scenario: Scenario, source: str, dataset: Any) -> None:
@@ -311,11 +334,23 @@ def check_model(scenario: Scenario, source: str, dataset: Any) -> None:
         known = [n for n in sig.parameters if n != "self"]
         for key in m.args:
             if key not in known:
-                fail(source, f"model.args.{key}", f"unknown argument of {getattr(factory, '__name__', m.name)}{did_you_mean(key, known)}")
+                fail(
+                    source,
+                    f"model.args.{key}",
+                    f"unknown argument of {getattr(factory, '__name__', m.name)}{did_you_mean(key, known)}",
+                )
     try:
         with warnings.catch_warnings():  # e.g. torch on zero-sized layers: the error below says it in one line
             warnings.simplefilter("ignore")
-            model = build_model(m.name, dataset.num_classes, dataset.channels, dataset.image_size, m.normalization, m.args, seed=scenario.seed)
+            model = build_model(
+                m.name,
+                dataset.num_classes,
+                dataset.channels,
+                dataset.image_size,
+                m.normalization,
+                m.args,
+                seed=scenario.seed,
+            )
     except Exception as exc:  # noqa: BLE001 - a factory may raise anything on bad args
         fail(source, "model.args", f"{getattr(factory, '__name__', m.name)} rejects these arguments: {_one_line(exc)}")
     if not isinstance(model, nn.Module):
@@ -327,7 +362,11 @@ def check_model(scenario: Scenario, source: str, dataset: Any) -> None:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             out = model.eval()(x)
     except Exception as exc:  # noqa: BLE001 - e.g. width 0, or an image size the model cannot take
-        fail(source, "model.args", f"the model fails on a batch of {dataset.image_size}x{dataset.image_size} images: {_one_line(exc)}")
+        fail(
+            source,
+            "model.args",
+            f"the model fails on a batch of {dataset.image_size}x{dataset.image_size} images: {_one_line(exc)}",
+        )
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, dataset.num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         fail(source, "model.name", f"'{m.name}' must return logits of shape [batch, {dataset.num_classes}] (got {got})")
@@ -346,7 +385,11 @@ def check_data(scenario: Scenario, source: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - a loader (possibly a user's) failed on these settings
         fail(source, "data", f"loading {scenario.data.dataset} failed: {_one_line(exc)}")
     if not isinstance(dataset, MultiDomainDataset):
-        fail(source, "data.dataset", f"the loader of '{scenario.data.dataset}' returned a {type(dataset).__name__}, not a fedsim.data.base.MultiDomainDataset")
+        fail(
+            source,
+            "data.dataset",
+            f"the loader of '{scenario.data.dataset}' returned a {type(dataset).__name__}, not a fedsim.data.base.MultiDomainDataset",
+        )
     if not dataset.domains:
         fail(source, "data.dataset", f"the loader of '{scenario.data.dataset}' returned no domains")
     if scenario.data.domains:
@@ -361,7 +404,11 @@ def check_data(scenario: Scenario, source: str) -> Any:
         fail(source, key if rest else "data", rest or msg)
     smallest = int(np.argmin(parts.num_train))  # the first of the smallest, without building any client
     if scenario.client.batch_size > parts.num_train[smallest]:
-        fail(source, "client.batch_size", f"{scenario.client.batch_size} is larger than client {smallest}'s {parts.num_train[smallest]} training samples")
+        fail(
+            source,
+            "client.batch_size",
+            f"{scenario.client.batch_size} is larger than client {smallest}'s {parts.num_train[smallest]} training samples",
+        )
     return dataset
 
 
@@ -380,10 +427,18 @@ def check_resources(scenario: Scenario, source: str) -> None:
     if rt.name == "ray" and rt.address is None:  # a local cluster of this machine's resources
         cpus = os.cpu_count() or 1
         if rt.cpus_per_client > cpus:
-            fail(source, "runtime.cpus_per_client", f"{rt.cpus_per_client:g} is more than this machine's {cpus} CPUs: Ray would never start a client")
+            fail(
+                source,
+                "runtime.cpus_per_client",
+                f"{rt.cpus_per_client:g} is more than this machine's {cpus} CPUs: Ray would never start a client",
+            )
         gpus = torch.cuda.device_count()
         if rt.gpus_per_client > gpus:
-            fail(source, "runtime.gpus_per_client", f"{rt.gpus_per_client:g} is more than this machine's {gpus} GPUs: Ray would never start a client")
+            fail(
+                source,
+                "runtime.gpus_per_client",
+                f"{rt.gpus_per_client:g} is more than this machine's {gpus} GPUs: Ray would never start a client",
+            )
 
 
 def check_scenario(scenario: Scenario, source: str) -> None:
@@ -407,7 +462,11 @@ def check_edge(scenario: Scenario, source: str) -> None:
         if cid < 0 or cid >= n:
             fail(source, f"edge.devices.{cid}", f"client {cid} does not exist (the run has clients 0..{n - 1})")
         if profile not in edge.profiles:
-            fail(source, f"edge.devices.{cid}", f"no profile '{profile}' in edge.profiles (profiles: {', '.join(edge.profiles)})")
+            fail(
+                source,
+                f"edge.devices.{cid}",
+                f"no profile '{profile}' in edge.profiles (profiles: {', '.join(edge.profiles)})",
+            )
     if edge.tls is not None:
         base = Path(source).parent
         for key in ("ca", "cert", "key"):
@@ -418,7 +477,11 @@ def check_edge(scenario: Scenario, source: str) -> None:
 
 def check_adapters(cfg: AdaptationConfig, source: str) -> None:
     """Every adapter resolves to an Adapter class and ``args`` name its settings only."""
-    specs = [("adaptation.adapter", cfg.adapter)] if cfg.adapter is not None else [(f"adaptation.adapters.{i}", s) for i, s in enumerate(cfg.adapters or [])]
+    specs = (
+        [("adaptation.adapter", cfg.adapter)]
+        if cfg.adapter is not None
+        else [(f"adaptation.adapters.{i}", s) for i, s in enumerate(cfg.adapters or [])]
+    )
     for key, spec in specs:
         if spec is None:
             continue
@@ -434,7 +497,11 @@ def check_adapters(cfg: AdaptationConfig, source: str) -> None:
             if setting in INJECTED:
                 fail(source, f"{key}.args", f"'{setting}' is set by fedsim (see adaptation.foundation), not in args")
             if setting not in known:
-                fail(source, f"{key}.args", f"unknown setting '{setting}' of adapter '{spec.name}'{did_you_mean(setting, known)} (settings: {', '.join(known) or 'none'})")
+                fail(
+                    source,
+                    f"{key}.args",
+                    f"unknown setting '{setting}' of adapter '{spec.name}'{did_you_mean(setting, known)} (settings: {', '.join(known) or 'none'})",
+                )
 
 
 def check_adaptation(scenario: Scenario, cfg: AdaptationConfig, source: str) -> None:
@@ -480,7 +547,9 @@ def build_strategy(scenario: Scenario) -> Strategy:
     return strategy
 
 
-def new_run(scenario: Scenario, run: RunFolder, resume: bool = False, on_round: Callable[[dict[str, Any]], None] | None = None) -> FederatedRun:
+def new_run(
+    scenario: Scenario, run: RunFolder, resume: bool = False, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> FederatedRun:
     """The server side of a validated scenario, handed its strategy."""
     return FederatedRun(scenario, run, lambda: build_strategy(scenario), resume=resume, on_round=on_round)
 

@@ -61,6 +61,7 @@ def check_path_text(value: str | None) -> str | None:
         raise ValueError(f"a path of {len(value)} characters (at most {MAX_PATH})")
     return value
 
+
 def fail(source: str, key: str, message: str) -> NoReturn:
     """Raise the one-line error ``source: key: message``."""
     raise ScenarioError(f"{source}: {key}: {message}")
@@ -194,7 +195,11 @@ def validation_error_line(source: str, exc: ValidationError, root: type[BaseMode
     err = exc.errors()[0]
     message = _format_message(err, root)
     loc = _format_location(err["loc"])
-    if loc == "(top level)" and ": " in message and message.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum():
+    if (
+        loc == "(top level)"
+        and ": " in message
+        and message.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum()
+    ):
         loc, message = message.split(": ", 1)
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""

@@ -65,13 +65,25 @@ from fedsim.scenario import load_scenario, parse_override
 from fedsim.schema import ScenarioError, short_repr
 
 __all__ = [
-    "Axis", "Runner", "SweepInterrupted", "SweepRun", "SweepSpec", "aggregate", "markdown_table", "parse_seeds", "parse_sweep_args",
-    "plot_sweep", "prepare_sweep", "run_sweep", "split_values",
+    "Axis",
+    "Runner",
+    "SweepInterrupted",
+    "SweepRun",
+    "SweepSpec",
+    "aggregate",
+    "markdown_table",
+    "parse_seeds",
+    "parse_sweep_args",
+    "plot_sweep",
+    "prepare_sweep",
+    "run_sweep",
+    "split_values",
 ]
 
 JSON_FILE, TABLE_FILE, PLOT_FILE = "sweep.json", "sweep.md", "sweep.png"
 SEED = "seed"
 MAX_COMPONENT = 120  # characters of a run folder's name before it is shortened with a hash
+
 
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C during a sweep; ``folder`` is the sweep folder to continue."""
@@ -107,7 +119,11 @@ class SweepSpec:
         """What must match for a saved sweep to be continued (not the scenario's path: the
         same command from another folder continues it; the scenario's content is compared
         through each run's fingerprint)."""
-        return {"overrides": list(self.overrides), "axes": [[a.key, list(a.values)] for a in self.axes], "seeds": None if self.seeds is None else list(self.seeds)}
+        return {
+            "overrides": list(self.overrides),
+            "axes": [[a.key, list(a.values)] for a in self.axes],
+            "seeds": None if self.seeds is None else list(self.seeds),
+        }
 
     def describe(self) -> str:
         parts = [f"{a.key}={','.join(a.values)}" for a in self.axes]
@@ -174,7 +190,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         elif piece.isdigit() and int(piece) <= 2**64 - 1:
             seeds.append(int(piece))
         else:
-            raise ScenarioError(f"--seeds {short_repr(text)[1:-1]}: expected seeds like 0,1,2 or 0-4 (integers in 0..2**64-1), got '{short_repr(piece)[1:-1]}'")
+            raise ScenarioError(
+                f"--seeds {short_repr(text)[1:-1]}: expected seeds like 0,1,2 or 0-4 (integers in 0..2**64-1), got '{short_repr(piece)[1:-1]}'"
+            )
     if len(set(seeds)) != len(seeds):
         raise ScenarioError(f"--seeds {short_repr(text)[1:-1]}: seeds must be distinct")
     return tuple(seeds)
@@ -194,7 +212,9 @@ def parse_sweep_args(scenario: str | Path, args: list[str], seeds: tuple[int, ..
         values = split_values(raw)
         for v in values:
             if len(values) > 1 and not v.strip():
-                raise ScenarioError(f"sweep '{short_repr(text)[1:-1]}': empty value in the list (values are separated by commas)")
+                raise ScenarioError(
+                    f"sweep '{short_repr(text)[1:-1]}': empty value in the list (values are separated by commas)"
+                )
             parse_override(f"{key}={v}")
         if key in seen:
             raise ScenarioError(f"sweep '{short_repr(text)[1:-1]}': {key} is given twice")
@@ -233,7 +253,7 @@ def _folder_names(keys: list[tuple[tuple[str, str], ...]]) -> list[str]:
     out = []
     for name, _pairs, h in zip(names, keys, digest):
         if len(name) > MAX_COMPONENT or names.count(name) > 1:
-            name = f"{name[:MAX_COMPONENT - 9]}~{h}"
+            name = f"{name[: MAX_COMPONENT - 9]}~{h}"
         out.append(name)
     return out
 
@@ -251,11 +271,17 @@ def prepare_sweep(spec: SweepSpec, out: Path | None = None) -> tuple[Path, list[
     loaded = []
     for index, params in enumerate(points):
         for seed in spec.seeds if spec.seeds is not None else (None,):
-            overrides = [*spec.overrides, *(f"{k}={v}" for k, v in params.items()), *([f"{SEED}={seed}"] if seed is not None else [])]
+            overrides = [
+                *spec.overrides,
+                *(f"{k}={v}" for k, v in params.items()),
+                *([f"{SEED}={seed}"] if seed is not None else []),
+            ]
             try:
                 scenario = load_scenario(spec.scenario, overrides)
             except ScenarioError as exc:
-                where = " ".join([*(f"{k}={v}" for k, v in params.items()), *([f"seed={seed}"] if seed is not None else [])])
+                where = " ".join(
+                    [*(f"{k}={v}" for k, v in params.items()), *([f"seed={seed}"] if seed is not None else [])]
+                )
                 raise ScenarioError(f"{exc} (sweep run {where})" if where else str(exc)) from None
             loaded.append((index, params, scenario, overrides))
     if out is None:
@@ -263,10 +289,20 @@ def prepare_sweep(spec: SweepSpec, out: Path | None = None) -> tuple[Path, list[
         out = Path("runs") / f"{loaded[0][2].name if len(names) == 1 else Path(spec.scenario).stem}-sweep"
     check_out_folder(out)
     check_location(out, "sweep")
-    keyed = [(*params.items(), *([(SEED, str(s.seed))] if spec.seeds is not None else [])) for _, params, s, _ in loaded]
+    keyed = [
+        (*params.items(), *([(SEED, str(s.seed))] if spec.seeds is not None else [])) for _, params, s, _ in loaded
+    ]
     names = _folder_names([k if k else ((SEED, str(s.seed)),) for k, (_, _, s, _) in zip(keyed, loaded)])
     runs = [
-        SweepRun(index, dict(params), scenario.seed, overrides, out / name, hashlib.sha256(scenario.to_yaml().encode()).hexdigest(), scenario.adaptation is not None)
+        SweepRun(
+            index,
+            dict(params),
+            scenario.seed,
+            overrides,
+            out / name,
+            hashlib.sha256(scenario.to_yaml().encode()).hexdigest(),
+            scenario.adaptation is not None,
+        )
         for (index, params, scenario, overrides), name in zip(loaded, names)
     ]
     return out, runs
@@ -294,7 +330,9 @@ def check_run_folder(run: SweepRun) -> None:
         raise UnsafeOutput(f"{run.folder}: not a fedsim run folder this sweep can use: {problem}")
     scenario_file = RunFolder(run.folder).scenario_file
     if scenario_file.is_file() and hashlib.sha256(scenario_file.read_bytes()).hexdigest() != run.fingerprint:
-        raise UnsafeOutput(f"{scenario_file}: differs from the scenario of sweep run {run.label} (the scenario file changed since?); refused (pass --overwrite to start the sweep anew, or --out for a new one)")
+        raise UnsafeOutput(
+            f"{scenario_file}: differs from the scenario of sweep run {run.label} (the scenario file changed since?); refused (pass --overwrite to start the sweep anew, or --out for a new one)"
+        )
 
 
 def run_metrics(run: SweepRun) -> dict[str, Any]:
@@ -315,17 +353,19 @@ def aggregate(spec: SweepSpec, runs: list[SweepRun]) -> list[dict[str, Any]]:
         mine = [r for r in runs if r.point == index]
         done = [r.metrics for r in mine if r.status == "done"]
         adapters = list(dict.fromkeys(label for m in done for label in m.get("online_error", {})))
-        out.append({
-            "params": {k: parse_override(f"{k}={v}")[1] for k, v in params.items()},
-            "labels": dict(params),
-            "runs": [{"seed": r.seed, "folder": r.folder.name, "status": r.status, **r.metrics} for r in mine],
-            "seeds_done": len(done),
-            "final_accuracy": stats([m.get("final_accuracy") for m in done]),
-            "best_accuracy": stats([m.get("best_accuracy") for m in done]),
-            "mb_up": stats([m.get("mb_up") for m in done]),
-            "mb_down": stats([m.get("mb_down") for m in done]),
-            "online_error": {a: stats([m.get("online_error", {}).get(a) for m in done]) for a in adapters},
-        })
+        out.append(
+            {
+                "params": {k: parse_override(f"{k}={v}")[1] for k, v in params.items()},
+                "labels": dict(params),
+                "runs": [{"seed": r.seed, "folder": r.folder.name, "status": r.status, **r.metrics} for r in mine],
+                "seeds_done": len(done),
+                "final_accuracy": stats([m.get("final_accuracy") for m in done]),
+                "best_accuracy": stats([m.get("best_accuracy") for m in done]),
+                "mb_up": stats([m.get("mb_up") for m in done]),
+                "mb_down": stats([m.get("mb_down") for m in done]),
+                "online_error": {a: stats([m.get("online_error", {}).get(a) for m in done]) for a in adapters},
+            }
+        )
     return out
 
 
@@ -336,17 +376,22 @@ def markdown_table(spec: SweepSpec, points: list[dict[str, Any]], title: str) ->
     seeds = len(spec.seeds) if spec.seeds is not None else 1
     head = [*keys, "seeds", "final acc", "best acc", "MB up", "MB down", *(f"online err {a}" for a in adapters)]
     lines = [
-        f"# {title}", "",
+        f"# {title}",
+        "",
         (
             f"{len(points)} point(s) x {seeds} seed(s); mean ± std over seeds (population std); accuracy: mean test accuracy over domains; "
             "online err: each adapter's online error (mean over edges and stream seeds)."
         ),
         "",
-        "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]
     for p in points:
         failed = sum(r["status"] == "failed" for r in p["runs"])
-        cells = [*(p["labels"][k] for k in keys), f"{p['seeds_done']}/{len(p['runs'])}" + (f" ({failed} failed)" if failed else "")]
+        cells = [
+            *(p["labels"][k] for k in keys),
+            f"{p['seeds_done']}/{len(p['runs'])}" + (f" ({failed} failed)" if failed else ""),
+        ]
         cells += [pm(p["final_accuracy"]), pm(p["best_accuracy"]), pm(p["mb_up"], 2), pm(p["mb_down"], 2)]
         cells += [pm(p["online_error"].get(a, {"mean": None})) for a in adapters]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -366,7 +411,10 @@ def plot_sweep(spec: SweepSpec, points: list[dict[str, Any]], path: Path, title:
 
     adapters = list(dict.fromkeys(a for p in points for a in p["online_error"]))
     panels = [("final test accuracy", lambda p: p["final_accuracy"], "")]
-    panels += [(f"online error: {a}", lambda p, a=a: p["online_error"].get(a, {"mean": None, "std": None}), a) for a in adapters]
+    panels += [
+        (f"online error: {a}", lambda p, a=a: p["online_error"].get(a, {"mean": None, "std": None}), a)
+        for a in adapters
+    ]
     fig = Figure(figsize=(5.5 * min(len(panels), 3), 4 * math.ceil(len(panels) / 3)))
     axes = fig.subplots(math.ceil(len(panels) / 3), min(len(panels), 3), squeeze=False).ravel()
     keys = [a.key for a in spec.axes]
@@ -384,7 +432,9 @@ def plot_sweep(spec: SweepSpec, points: list[dict[str, Any]], path: Path, title:
                 stats = get(p)
                 if stats["mean"] is None:
                     continue
-                xs.append(p["params"][x_key] if numeric and x_key else categories.index(p["labels"][x_key]) if x_key else 0)
+                xs.append(
+                    p["params"][x_key] if numeric and x_key else categories.index(p["labels"][x_key]) if x_key else 0
+                )
                 ys.append(stats["mean"])
                 es.append(stats["std"])
             if xs:
@@ -400,7 +450,7 @@ def plot_sweep(spec: SweepSpec, points: list[dict[str, Any]], path: Path, title:
         ax.grid(alpha=0.3)
         if len(groups) > 1:
             ax.legend(fontsize=8)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(f"{title} (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
@@ -419,7 +469,9 @@ def _saved(out: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise UnsafeOutput(f"{out / JSON_FILE}: unreadable ({exc}); refused (pass --overwrite to start the sweep anew)") from None
+        raise UnsafeOutput(
+            f"{out / JSON_FILE}: unreadable ({exc}); refused (pass --overwrite to start the sweep anew)"
+        ) from None
 
 
 def spec_from_saved(out: Path) -> SweepSpec:
@@ -431,7 +483,12 @@ def spec_from_saved(out: Path) -> SweepSpec:
         raise ScenarioError(f"{out / JSON_FILE}: missing; nothing to resume (start the sweep again with its command)")
     try:
         d = saved["definition"]
-        return SweepSpec(saved["scenario"], tuple(d["overrides"]), tuple(Axis(k, tuple(v)) for k, v in d["axes"]), None if d["seeds"] is None else tuple(d["seeds"]))
+        return SweepSpec(
+            saved["scenario"],
+            tuple(d["overrides"]),
+            tuple(Axis(k, tuple(v)) for k, v in d["axes"]),
+            None if d["seeds"] is None else tuple(d["seeds"]),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ScenarioError(f"{out / JSON_FILE}: not a sweep definition ({type(exc).__name__}: {exc})") from None
 
@@ -460,7 +517,9 @@ def _lock(out: Path) -> None:
     try:
         lock_folder(out)
     except FolderLocked:
-        raise ScenarioError(f"{out}: sweep folder is being written by another fedsim process; wait for it to finish or stop it first") from None
+        raise ScenarioError(
+            f"{out}: sweep folder is being written by another fedsim process; wait for it to finish or stop it first"
+        ) from None
 
 
 def open_sweep(spec: SweepSpec, out: Path, runs: list[SweepRun], overwrite: bool = False) -> bool:
@@ -469,7 +528,9 @@ def open_sweep(spec: SweepSpec, out: Path, runs: list[SweepRun], overwrite: bool
     another sweep, a folder that is not fedsim's, and point folders of another scenario."""
     problem = ownership_problem(out, "sweep") if out.is_dir() and marker_kind(out) == "sweep" else "not a sweep folder"
     if problem and marker_kind(out) == "sweep":
-        raise UnsafeOutput(f"{out}: a fedsim sweep folder, but {problem}; refused (move those away, or choose another --out)")
+        raise UnsafeOutput(
+            f"{out}: a fedsim sweep folder, but {problem}; refused (move those away, or choose another --out)"
+        )
     ours = problem is None
     if ours:
         _lock(out)  # before reading what another process may be writing
@@ -477,12 +538,16 @@ def open_sweep(spec: SweepSpec, out: Path, runs: list[SweepRun], overwrite: bool
         saved = _saved(out) if ours and not overwrite else None
         if saved is not None:
             if reason := _difference(saved, spec, runs):
-                raise UnsafeOutput(f"{out}: {reason}; refused (pass --overwrite to start it anew, or --out for a new sweep)")
+                raise UnsafeOutput(
+                    f"{out}: {reason}; refused (pass --overwrite to start it anew, or --out for a new sweep)"
+                )
             for run in runs:
                 check_run_folder(run)
             return True
         if not ours or overwrite:
-            create_folder(out, "sweep", overwrite, f"{out}: exists and is not a fedsim sweep folder; choose another --out")
+            create_folder(
+                out, "sweep", overwrite, f"{out}: exists and is not a fedsim sweep folder; choose another --out"
+            )
             if not ours or not (out / ".lock").exists():
                 unlock_folder(out)  # a replaced folder took its old lock file with it
                 _lock(out)
@@ -503,7 +568,17 @@ def write_outputs(spec: SweepSpec, out: Path, runs: list[SweepRun], title: str) 
         "definition": spec.definition(),
         "keys": [a.key for a in spec.axes],
         "std": "population standard deviation (ddof=0) over seeds",
-        "runs": [{"folder": r.folder.name, "point": r.point, "seed": r.seed, "overrides": r.overrides, "fingerprint": r.fingerprint, "status": r.status} for r in runs],
+        "runs": [
+            {
+                "folder": r.folder.name,
+                "point": r.point,
+                "seed": r.seed,
+                "overrides": r.overrides,
+                "fingerprint": r.fingerprint,
+                "status": r.status,
+            }
+            for r in runs
+        ],
         "points": points,
     }
     atomic_write_bytes(out / JSON_FILE, json.dumps(doc, indent=2, default=str).encode())
@@ -558,15 +633,26 @@ def run_sweep(
                 run.status, run.metrics = "done", run_metrics(run)
         write_outputs(spec, out, runs, title)
         todo = [r for r in runs if r.status != "done"]
-        say(f"{out}: {len(runs)} run(s), {len(runs) - len(todo)} finished before{' (continued)' if resumed else ''}, {len(todo)} to run")
+        say(
+            f"{out}: {len(runs)} run(s), {len(runs) - len(todo)} finished before{' (continued)' if resumed else ''}, {len(todo)} to run"
+        )
         with _interrupt_flag() as interrupted:
             for i, run in enumerate(todo, 1):
                 state = run_state(run)
-                say(f"[{i}/{len(todo)}] {run.label} -> {run.folder} ({'continued from its checkpoint' if state == 'resume' else 'started'})")
+                say(
+                    f"[{i}/{len(todo)}] {run.label} -> {run.folder} ({'continued from its checkpoint' if state == 'resume' else 'started'})"
+                )
                 if state == "resume":
                     argv = ["run", "--resume", str(run.folder)]
                 else:
-                    argv = ["run", spec.scenario, *run.overrides, "--out", str(run.folder), *(["--overwrite"] if state == "restart" else [])]
+                    argv = [
+                        "run",
+                        spec.scenario,
+                        *run.overrides,
+                        "--out",
+                        str(run.folder),
+                        *(["--overwrite"] if state == "restart" else []),
+                    ]
                 code = runner(argv)
                 if interrupted[0]:  # `fedsim run` turned the Ctrl-C into exit code 1
                     raise KeyboardInterrupt
@@ -582,4 +668,3 @@ def run_sweep(
         raise SweepInterrupted(out) from None
     finally:
         unlock_folder(out)
-

@@ -50,9 +50,18 @@ class FedWon(FedAvg):
     def check_scenario(cls, scenario: Scenario) -> None:
         """FedWon trains a normalization-free model (checked when the scenario is loaded)."""
         if scenario.model.normalization != "none":
-            raise ValueError(f"model.normalization: FedWon needs a normalization-free model: set model.normalization: none (got {scenario.model.normalization})")
+            raise ValueError(
+                f"model.normalization: FedWon needs a normalization-free model: set model.normalization: none (got {scenario.model.normalization})"
+            )
 
-    def __init__(self, agc_lambda: float = DEFAULT_LAMBDA, agc_eps: float = DEFAULT_EPS, agc_exclude: str = "", strict: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        agc_lambda: float = DEFAULT_LAMBDA,
+        agc_eps: float = DEFAULT_EPS,
+        agc_exclude: str = "",
+        strict: bool = False,
+        **kwargs,
+    ) -> None:
         if agc_lambda < 0:
             raise ValueError(f"agc_lambda must be >= 0 (got {agc_lambda})")
         if agc_eps <= 0:
@@ -62,7 +71,11 @@ class FedWon(FedAvg):
         self.agc_eps = float(agc_eps)
         self.agc_exclude = str(agc_exclude)
         self.strict = bool(strict)
-        self.client_config = {"fedsim.agc.lambda": self.agc_lambda, "fedsim.agc.eps": self.agc_eps, "fedsim.agc.exclude": self.agc_exclude}
+        self.client_config = {
+            "fedsim.agc.lambda": self.agc_lambda,
+            "fedsim.agc.eps": self.agc_eps,
+            "fedsim.agc.exclude": self.agc_exclude,
+        }
         self._checked = False
 
     def configure_train(self, server_round, arrays, config, grid):

@@ -19,5 +19,14 @@ class MagPrune(FedTiny):
     """Parameters: ``density`` (0.1), ``layer_densities`` (``erk`` | ``uniform``),
     ``uplink_indices`` and every :class:`FedAvg` argument."""
 
-    def __init__(self, density: float = 0.1, layer_densities: str = "erk", uplink_indices: bool = True, **kwargs) -> None:
-        super().__init__(density=density, layer_densities=layer_densities, bn_selection=False, progressive=False, uplink_indices=uplink_indices, **kwargs)
+    def __init__(
+        self, density: float = 0.1, layer_densities: str = "erk", uplink_indices: bool = True, **kwargs
+    ) -> None:
+        super().__init__(
+            density=density,
+            layer_densities=layer_densities,
+            bn_selection=False,
+            progressive=False,
+            uplink_indices=uplink_indices,
+            **kwargs,
+        )

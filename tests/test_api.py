@@ -27,7 +27,11 @@ from fedsim.results import RunFolder
 from fedsim.schema import ScenarioError
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPT = {"adapters": ["source", "tbn"], "stream": {"corruptions": ["gaussian_noise"], "severities": [3], "batch_size": 16, "samples_per_shift": 32}, "edges": [0, 1]}
+ADAPT = {
+    "adapters": ["source", "tbn"],
+    "stream": {"corruptions": ["gaussian_noise"], "severities": [3], "batch_size": 16, "samples_per_shift": 32},
+    "edges": [0, 1],
+}
 
 
 def untimed(value):
@@ -65,18 +69,30 @@ def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
     assert "fedsim.run(" in code and len(code.strip().splitlines()) <= 10
     (tmp_path / "scenarios").mkdir()
     shutil.copy(ROOT / "scenarios" / "multidomain.yaml", tmp_path / "scenarios")
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     for _ in range(2):  # a notebook cell run twice: overwrite=True replaces its own run folder
-        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     printed = re.fullmatch(r"final accuracy (\d\.\d{3}), best (\d\.\d{3}), in runs/notebook\n", done.stdout)
     assert printed, done.stdout
     summary = json.loads((tmp_path / "runs" / "notebook" / "summary.json").read_text())
-    assert printed.group(1) == f"{summary['final_accuracy']:.3f}" and summary["rounds"] == 2 and summary["final_round"] == 2
+    assert (
+        printed.group(1) == f"{summary['final_accuracy']:.3f}"
+        and summary["rounds"] == 2
+        and summary["final_round"] == 2
+    )
     assert "INFO" not in done.stderr  # Flower's logs held back
 
 
-def test_run_gives_the_numbers_of_the_command_and_prints_nothing(cli_run: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+def test_run_gives_the_numbers_of_the_command_and_prints_nothing(
+    cli_run: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
     scenario, cli_folder = cli_run
     logging.getLogger("flwr").setLevel(logging.DEBUG)  # a notebook's own setting
     capfd.readouterr()
@@ -97,7 +113,9 @@ def test_run_gives_the_numbers_of_the_command_and_prints_nothing(cli_run: tuple[
     assert untimed(again.records) == metrics(cli_folder)
 
 
-def test_resume_continues_to_the_numbers_of_an_uninterrupted_run(cli_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_continues_to_the_numbers_of_an_uninterrupted_run(
+    cli_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     scenario, cli_folder = cli_run
     out = tmp_path / "run"
     fedsim.run(scenario, ["rounds=2"], out)
@@ -112,7 +130,9 @@ def test_resume_continues_to_the_numbers_of_an_uninterrupted_run(cli_run: tuple[
         fedsim.run(out, ["rounds=4"], resume=True)
 
 
-def test_bad_input_raises_the_one_line_of_the_command(cli_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_input_raises_the_one_line_of_the_command(
+    cli_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     scenario, _ = cli_run
     capsys.readouterr()
     assert main(["run", str(scenario), "client.lr=-1", "--out", str(tmp_path / "cli")]) == 2
@@ -153,7 +173,13 @@ def test_a_failure_while_running_raises_run_failure(tmp_path: Path) -> None:
 
 
 def test_adapt_a_trained_run_as_the_command_does(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
-    trained = {**TOY, "name": "toyadapt", "rounds": 1, "strategy": {"name": "fedbn"}, "data": {**TOY["data"], "clients_per_domain": 1}}
+    trained = {
+        **TOY,
+        "name": "toyadapt",
+        "rounds": 1,
+        "strategy": {"name": "fedbn"},
+        "data": {**TOY["data"], "clients_per_domain": 1},
+    }
     capfd.readouterr()
     run = fedsim.run({**trained, "adaptation": ADAPT}, out=tmp_path / "run")
     assert capfd.readouterr() == ("", "")
@@ -161,14 +187,31 @@ def test_adapt_a_trained_run_as_the_command_does(tmp_path: Path, capfd: pytest.C
     assert run.adaptation is not None and set(run.adaptation["results"]) == {"source", "tbn"}
     assert (tmp_path / "run" / "adaptation_summary.json").is_file()
     # fedsim.adapt on the trained run = fedsim adapt on it
-    result = fedsim.adapt({"name": "again", "adaptation": ADAPT}, tmp_path / "run", {"adaptation.edges": [1]}, tmp_path / "api")
+    result = fedsim.adapt(
+        {"name": "again", "adaptation": ADAPT}, tmp_path / "run", {"adaptation.edges": [1]}, tmp_path / "api"
+    )
     assert capfd.readouterr() == ("", "")
     scen = tmp_path / "adapt.yaml"
     scen.write_text(yaml.safe_dump({"name": "again", "adaptation": ADAPT}))
-    assert main(["adapt", str(scen), "adaptation.edges=[1]", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "cli")]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                str(scen),
+                "adaptation.edges=[1]",
+                "--model",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
     capfd.readouterr()
     cli_rows = [json.loads(line) for line in (tmp_path / "cli" / "adaptation.jsonl").read_text().splitlines()]
-    assert [r["correct"] for r in result.records] == [r["correct"] for r in cli_rows] and {r["edge"] for r in result.records} == {1}
+    assert [r["correct"] for r in result.records] == [r["correct"] for r in cli_rows] and {
+        r["edge"] for r in result.records
+    } == {1}
     cli_summary = json.loads((tmp_path / "cli" / "adaptation_summary.json").read_text())
     assert result.online_error == {k: v["error"] for k, v in cli_summary["results"].items()}
     assert result.path == tmp_path / "api"

@@ -30,8 +30,31 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"fedsim": "fedsim", "strategies": "fedsim.strategies", "adapters": "fedsim.adapters"}
 FLOORS: list[tuple[int, tuple[str, ...]]] = [
-    (0, ("fedsim", "fedsim.schema", "fedsim.registry", "fedsim.arrays", "fedsim.safe_yaml", "fedsim.runlock", "fedsim.outputs")),
-    (1, ("fedsim.data.config", "fedsim.data.base", "fedsim.data.partitioners", "fedsim.tta.config", "fedsim.tta.corruptions", "fedsim.edge.config", "fedsim.tracking.config", "fedsim.models")),
+    (
+        0,
+        (
+            "fedsim",
+            "fedsim.schema",
+            "fedsim.registry",
+            "fedsim.arrays",
+            "fedsim.safe_yaml",
+            "fedsim.runlock",
+            "fedsim.outputs",
+        ),
+    ),
+    (
+        1,
+        (
+            "fedsim.data.config",
+            "fedsim.data.base",
+            "fedsim.data.partitioners",
+            "fedsim.tta.config",
+            "fedsim.tta.corruptions",
+            "fedsim.edge.config",
+            "fedsim.tracking.config",
+            "fedsim.models",
+        ),
+    ),
     (2, ("fedsim.config",)),
     (3, ("fedsim.data",)),
     (4, ("fedsim.engine", "fedsim.results", "fedsim.report", "fedsim.tracking")),

@@ -37,13 +37,24 @@ RULES: list[tuple[str, str]] = [
     ("python -m benchmarks", "a benchmark (minutes); tests/benchmarks/test_perf_benchmark.py runs its quick mode"),
     ("python benchmarks/", "a benchmark (minutes to hours) that rewrites docs"),
     ("python -c", "converts a downloaded dataset (no downloads here)"),
-    (r"PYTHONPATH=\. fedsim run my-scenario\.yaml", "needs the files of docs/extending.md's worked examples: tests/test_docs_extending.py writes them and runs this line"),
+    (
+        r"PYTHONPATH=\. fedsim run my-scenario\.yaml",
+        "needs the files of docs/extending.md's worked examples: tests/test_docs_extending.py writes them and runs this line",
+    ),
     ("FLWR_HOME=", "Flower's CLI against a SuperLink that `fedsim edge up` keeps running until Ctrl-C"),
-    (r"(export FLWR_HOME=|mkdir -p '?\$FLWR_HOME|flower-superlink --simulation|cat '>' '?\$FLWR_HOME|flwr run \. sim )",
-     "fedsim's app on Flower's simulation SuperLink (a server process); tests/engine/test_ray_runtime.py::test_fedsim_app_on_flowers_simulation_runtime_matches_inline runs this sequence"),
-    ("fedsim edge demo", "starts a SuperLink and SuperNode processes (minutes); tests/edge/test_edge.py runs it (marker edge)"),
+    (
+        r"(export FLWR_HOME=|mkdir -p '?\$FLWR_HOME|flower-superlink --simulation|cat '>' '?\$FLWR_HOME|flwr run \. sim )",
+        "fedsim's app on Flower's simulation SuperLink (a server process); tests/engine/test_ray_runtime.py::test_fedsim_app_on_flowers_simulation_runtime_matches_inline runs this sequence",
+    ),
+    (
+        "fedsim edge demo",
+        "starts a SuperLink and SuperNode processes (minutes); tests/edge/test_edge.py runs it (marker edge)",
+    ),
     ("fedsim edge up", "runs a SuperLink and SuperNodes until Ctrl-C"),
-    (r"fedsim adapt .* --model runs/bench-tta/source", "adapts runs/bench-tta/source, made by `python benchmarks/tta.py` (skipped above)"),
+    (
+        r"fedsim adapt .* --model runs/bench-tta/source",
+        "adapts runs/bench-tta/source, made by `python benchmarks/tta.py` (skipped above)",
+    ),
 ]
 # Run, but changed, and why: what the change removes is tested elsewhere.
 RAY_TO_INLINE = "runtime=ray runs on Flower's simulation engine on Ray (tests/engine/test_ray_runtime.py, marker ray); here it runs inline, which checks everything else about the line (its arguments, its folders)"
@@ -88,7 +99,9 @@ def commands(doc: Path) -> list[Command]:
         while i < len(lines):
             heredoc = re.search(r"<<-?'?(\w+)'?", lines[i])
             if heredoc:  # the here-document's lines are the command's input, not commands
-                end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == heredoc.group(1)), len(lines) - 1)
+                end = next(
+                    (j for j in range(i + 1, len(lines)) if lines[j].strip() == heredoc.group(1)), len(lines) - 1
+                )
                 lines[i] = lines[i][: heredoc.start()]
                 del lines[i + 1 : end + 1]
             start, joined = i, lines[i]
@@ -107,7 +120,11 @@ def expand_globs(words: list[str], cwd: Path) -> list[str]:
     """Wildcards expanded as the shell would (sorted; a pattern matching nothing stays)."""
     out = []
     for w in words:
-        matches = sorted(str(p.relative_to(cwd)) + ("/" if w.endswith("/") else "") for p in cwd.glob(w)) if any(c in w for c in "*?[") else []
+        matches = (
+            sorted(str(p.relative_to(cwd)) + ("/" if w.endswith("/") else "") for p in cwd.glob(w))
+            if any(c in w for c in "*?[")
+            else []
+        )
         out.extend(matches or [w])
     return out
 
@@ -152,7 +169,9 @@ def _run_doc(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys)
     monkeypatch.chdir(cwd)
     cmds = commands(doc)
     not_covered = [str(c) for c in cmds if rule(c) is None and not c.text.startswith("fedsim ")]
-    assert not not_covered, "documented commands that are neither fedsim commands nor covered by a rule:\n" + "\n".join(not_covered)
+    assert not not_covered, "documented commands that are neither fedsim commands nor covered by a rule:\n" + "\n".join(
+        not_covered
+    )
     for cmd in cmds:
         why = rule(cmd)
         if why is not None or not cmd.text.startswith("fedsim "):

@@ -30,7 +30,12 @@ from fedsim.registry import Registry, RegistryError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "extending.md"
-FILES = {"STRATEGY-EXAMPLE": "my_median.py", "ADAPTER-EXAMPLE": "my_tta.py", "DATASET-EXAMPLE": "my_data.py", "SCENARIO-EXAMPLE": "my-scenario.yaml"}
+FILES = {
+    "STRATEGY-EXAMPLE": "my_median.py",
+    "ADAPTER-EXAMPLE": "my_tta.py",
+    "DATASET-EXAMPLE": "my_data.py",
+    "SCENARIO-EXAMPLE": "my-scenario.yaml",
+}
 TIMEOUT_S = 600
 
 
@@ -116,7 +121,11 @@ def test_worked_examples_by_entry_points(tmp_path: Path) -> None:
     raw = yaml.safe_load(doc_block("SCENARIO-EXAMPLE"))
     raw["data"]["dataset"] = "stripes"
     raw["strategy"]["name"] = "median"
-    raw["adaptation"]["adapters"] = ["source", "ema_bn", {"name": "ema_bn", "label": "ema_bn_0.5", "args": {"momentum": 0.5}}]
+    raw["adaptation"]["adapters"] = [
+        "source",
+        "ema_bn",
+        {"name": "ema_bn", "label": "ema_bn_0.5", "args": {"momentum": 0.5}},
+    ]
     (work / "s.yaml").write_text(yaml.safe_dump(raw))
     listed = fedsim(["list"], work, [str(site)])
     assert listed.returncode == 0 and all(n in listed.stdout for n in ("median", "ema_bn", "stripes")), listed.stdout
@@ -132,8 +141,17 @@ def test_the_median_strategy_is_the_coordinatewise_median(tmp_path: Path, monkey
     for attr, value in (("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
     rng = np.random.default_rng(0)
-    models = [{"w": rng.standard_normal((3, 2)).astype(np.float32), "n": np.array([i], dtype=np.int64)} for i in range(5)]
-    replies = [Message(RecordDict({"arrays": numpy_to_record(m), "metrics": MetricRecord({"num-examples": 1})}), dst_node_id=0, message_type="train") for m in models]
+    models = [
+        {"w": rng.standard_normal((3, 2)).astype(np.float32), "n": np.array([i], dtype=np.int64)} for i in range(5)
+    ]
+    replies = [
+        Message(
+            RecordDict({"arrays": numpy_to_record(m), "metrics": MetricRecord({"num-examples": 1})}),
+            dst_node_id=0,
+            message_type="train",
+        )
+        for m in models
+    ]
     arrays, metrics = median_mod.Median().aggregate_train(1, replies)
     got = record_to_numpy(arrays)
     np.testing.assert_array_equal(got["w"], np.median(np.stack([m["w"] for m in models]), axis=0))
@@ -166,13 +184,18 @@ def test_a_broken_entry_point_is_one_line_of_bad_input(tmp_path: Path, monkeypat
     dist = tmp_path / "broken_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[fedsim.test-registry]\nok = json:dumps\nbroken = no_such_module_xyz:Thing\n")
+    (dist / "entry_points.txt").write_text(
+        "[fedsim.test-registry]\nok = json:dumps\nbroken = no_such_module_xyz:Thing\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     reg: Registry = Registry("thing", entry_points="fedsim.test-registry")
     reg.register("own")(len)
     assert reg.names() == ["broken", "ok", "own"] and "ok" in reg
     assert reg.get("ok") is json.dumps and reg.get("own") is len
-    with pytest.raises(RegistryError, match=r"thing 'broken': entry point 'no_such_module_xyz:Thing' \(group fedsim.test-registry\) failed to load"):
+    with pytest.raises(
+        RegistryError,
+        match=r"thing 'broken': entry point 'no_such_module_xyz:Thing' \(group fedsim.test-registry\) failed to load",
+    ):
         reg.get("broken")
     with pytest.raises(RegistryError, match="unknown thing 'nope'"):
         reg.get("nope")

@@ -45,7 +45,9 @@ def _phase(console: Console, out: Path, work: Any) -> tuple[int, Any]:
         return EXIT_FAILURE, None
     summary = getattr(result, "summary", result)
     print_table(console, summary)
-    console.print(f"adaptation done in {summary['wall_s']:.1f}s; results in {out} ({Path(summary['files']['plot']).name}, adaptation.jsonl, adaptation_summary.json)")
+    console.print(
+        f"adaptation done in {summary['wall_s']:.1f}s; results in {out} ({Path(summary['files']['plot']).name}, adaptation.jsonl, adaptation_summary.json)"
+    )
     return EXIT_OK, result
 
 
@@ -53,8 +55,12 @@ def adapt_after_run(job: OpenRun, console: Console) -> int:
     """The adaptation phase of ``fedsim run``: adapt the run just trained, results in its folder."""
     scenario = job.scenario
     assert scenario.adaptation is not None
-    console.print(f"[b]adaptation[/b]: {', '.join(s.display for s in scenario.adaptation.adapter_specs())} on each edge's stream")
-    code, adapted = _phase(console, job.run.path, lambda: adapt_trained_run(job.run, scenario, job.source, log=_log(console)))
+    console.print(
+        f"[b]adaptation[/b]: {', '.join(s.display for s in scenario.adaptation.adapter_specs())} on each edge's stream"
+    )
+    code, adapted = _phase(
+        console, job.run.path, lambda: adapt_trained_run(job.run, scenario, job.source, log=_log(console))
+    )
     if code == EXIT_OK and adapted.device_report is not None:  # the same device estimates as the edge demo
         console.print(f"device-profile estimates: {adapted.device_report}")
     return code
@@ -66,10 +72,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         if args.scenario and "=" in args.scenario and not Path(args.scenario).exists():
             raise ScenarioError(f"{args.scenario}: scenario file not found (overrides come after the scenario file)")
         name, cfg, tracking = load_adaptation_file(args.scenario, list(args.overrides))
-        job: AdaptationJob = prepare_adaptation(name, cfg, tracking, args.model, args.out, overwrite=args.overwrite, source=args.scenario)
+        job: AdaptationJob = prepare_adaptation(
+            name, cfg, tracking, args.model, args.out, overwrite=args.overwrite, source=args.scenario
+        )
     except ScenarioError as exc:  # UnsafeOutput included
         error(exc)
         return EXIT_BAD_INPUT
     sc, model_run = job.model_run.scenario, job.model_run
-    out_console.print(f"[b]{name}[/b]: adapt {model_run.path} ({sc.strategy.name}, {sc.model.name} on {sc.data.dataset}, round {model_run.checkpoint.round}) -> {job.out}")
+    out_console.print(
+        f"[b]{name}[/b]: adapt {model_run.path} ({sc.strategy.name}, {sc.model.name} on {sc.data.dataset}, round {model_run.checkpoint.round}) -> {job.out}"
+    )
     return _phase(out_console, job.out, lambda: adapt(job, log=_log(out_console)))[0]

@@ -44,6 +44,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, out_help: str, resume_
     parser.add_argument("scenario", nargs="?", help="scenario YAML file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--out", help=out_help)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing fedsim run folder (never a folder holding other files)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing fedsim run folder (never a folder holding other files)",
+    )
     parser.add_argument("--resume", metavar="RUN_FOLDER", help=resume_help)
-

@@ -97,7 +97,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     edge = scenario.edge or EdgeConfig()
     if edge.tls is not None:
         base = Path(args.scenario).resolve().parent
-        edge.tls.ca, edge.tls.cert, edge.tls.key = (str((base / p).resolve()) for p in (edge.tls.ca, edge.tls.cert, edge.tls.key))
+        edge.tls.ca, edge.tls.cert, edge.tls.key = (
+            str((base / p).resolve()) for p in (edge.tls.ca, edge.tls.cert, edge.tls.key)
+        )
         scenario = scenario.model_copy(update={"edge": edge})
     return scenario, edge
 
@@ -107,7 +109,14 @@ def _deployment(workdir: Path, state_dir: Path, scenario: Any, edge: Any) -> Any
     (the run folder, so it matches a simulation's)."""
 
     tls = TLSFiles(Path(edge.tls.ca), Path(edge.tls.cert), Path(edge.tls.key)) if edge.tls else None
-    return LocalDeployment(workdir=workdir, num_nodes=num_clients(scenario.data), state_dir=state_dir, host=edge.host, port=edge.port, tls=tls)
+    return LocalDeployment(
+        workdir=workdir,
+        num_nodes=num_clients(scenario.data),
+        state_dir=state_dir,
+        host=edge.host,
+        port=edge.port,
+        tls=tls,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -134,20 +143,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     app = write_app(run_dir / "edge" / "app")
     deployment = _deployment(run_dir / "edge", run_dir, scenario, edge)
     security = "TLS (" + Path(edge.tls.ca).name + ")" if edge.tls else "insecure loopback (no TLS)"
-    console.print(f"[b]{scenario.name}[/b]: SuperLink on {deployment.address} ({security}), {num_clients(scenario.data)} SuperNodes -> {run_dir}")
+    console.print(
+        f"[b]{scenario.name}[/b]: SuperLink on {deployment.address} ({security}), {num_clients(scenario.data)} SuperNodes -> {run_dir}"
+    )
     reader = ProgressReader(run_dir / "edge" / PROGRESS)
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     t0 = time.perf_counter()
     code, message = EXIT_OK, ""
     try:
         deployment.start(edge.startup_timeout_s)
-        run_id = deployment.submit(app, {"scenario": str(run_dir / "scenario.yaml"), "run-dir": str(run_dir), "resume": True})  # the folder made or resumed above
+        run_id = deployment.submit(
+            app, {"scenario": str(run_dir / "scenario.yaml"), "run-dir": str(run_dir), "resume": True}
+        )  # the folder made or resumed above
         console.print(f"submitted with flwr run: run id {run_id} (logs: {deployment.logs})")
         code, message = _follow(console, reader, deployment, run_id, edge, scenario.name, args.live, edge.run_timeout_s)
     except DeploymentError as exc:
         code, message = EXIT_FAILURE, f"error: {exc}"
     except (KeyboardInterrupt, _Interrupted):
-        advice = f"continue with: fedsim edge demo --resume {run_dir}" if run.resumable() else f"nothing was checkpointed yet; start again with --overwrite, or fedsim edge demo --resume {run_dir} starts it from round 1"
+        advice = (
+            f"continue with: fedsim edge demo --resume {run_dir}"
+            if run.resumable()
+            else f"nothing was checkpointed yet; start again with --overwrite, or fedsim edge demo --resume {run_dir} starts it from round 1"
+        )
         code, message = EXIT_FAILURE, f"interrupted; every process stopped ({advice})"
     finally:
         stragglers = deployment.stop()
@@ -162,14 +179,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _follow(console: Any, reader: Any, deployment: Any, run_id: int, edge: Any, title: str, live: bool, timeout_s: float) -> tuple[int, str]:
+def _follow(
+    console: Any, reader: Any, deployment: Any, run_id: int, edge: Any, title: str, live: bool, timeout_s: float
+) -> tuple[int, str]:
     """Show progress until the cloud reports done/failed, a process dies, Flower says the
     run ended without a report, or ``timeout_s`` passes."""
     from rich.live import Live
 
     deadline = time.time() + timeout_s
     next_status = time.time() + 5
-    view = Live(render(reader.state, edge, title), console=console, refresh_per_second=4, transient=False) if live else None
+    view = (
+        Live(render(reader.state, edge, title), console=console, refresh_per_second=4, transient=False)
+        if live
+        else None
+    )
     try:
         if view:
             view.start()
@@ -191,8 +214,14 @@ def _follow(console: Any, reader: Any, deployment: Any, run_id: int, edge: Any, 
                 if status.startswith("finished"):
                     reader.poll()
                     if not reader.finished:
-                        logs = deployment.flwr("log", str(run_id), "fedsim-edge", "--show", timeout_s=30).stdout.strip().splitlines()[-3:]
-                        raise DeploymentError(f"Flower reports run {run_id} {status} without a result: {' | '.join(logs)[:300]}")
+                        logs = (
+                            deployment.flwr("log", str(run_id), "fedsim-edge", "--show", timeout_s=30)
+                            .stdout.strip()
+                            .splitlines()[-3:]
+                        )
+                        raise DeploymentError(
+                            f"Flower reports run {run_id} {status} without a result: {' | '.join(logs)[:300]}"
+                        )
             time.sleep(0.25)
     finally:
         if view:
@@ -211,7 +240,9 @@ def _print_event(console: Any, ev: dict[str, Any]) -> None:
         console.print(f"round {r['round']}: accuracy {acc:.4f}" if acc is not None else f"round {r['round']}")
     elif kind == "edge" and ev.get("done"):
         acc = ev["correct"] / ev["samples"] if ev["samples"] else 0.0
-        console.print(f"edge {ev['edge']} {ev['adapter']} seed {ev['seed']}: online accuracy {acc:.4f} over {ev['samples']} samples")
+        console.print(
+            f"edge {ev['edge']} {ev['adapter']} seed {ev['seed']}: online accuracy {acc:.4f} over {ev['samples']} samples"
+        )
     elif kind == "failed":
         console.print(f"[red]failed: {ev.get('error')}[/red]")
 
@@ -221,17 +252,45 @@ def _print_results(console: Any, run_dir: Path) -> None:
     records = run.read_metrics()
     if records:
         last = records[-1]
-        console.print(f"training: round {last['round']}, accuracy {last['accuracy']:.4f}, MB up {last['bytes_up_total'] / 1e6:.2f}, MB down {last['bytes_down_total'] / 1e6:.2f}")
+        console.print(
+            f"training: round {last['round']}, accuracy {last['accuracy']:.4f}, MB up {last['bytes_up_total'] / 1e6:.2f}, MB down {last['bytes_down_total'] / 1e6:.2f}"
+        )
     if (run_dir / SUMMARY).is_file():
-        print_table(console, json.loads((run_dir / SUMMARY).read_text()), title=f"{scenario.name} on Flower's deployment runtime: online error")
+        print_table(
+            console,
+            json.loads((run_dir / SUMMARY).read_text()),
+            title=f"{scenario.name} on Flower's deployment runtime: online error",
+        )
     devices = run_dir / "edge" / "devices.json"
     report = json.loads(devices.read_text()) if devices.is_file() else {"rows": []}
     if report["rows"]:
         table = Table(title="device-profile estimates (whole stream; see docs/edge.md)")
-        for col in ("edge", "device", "adapter", "online acc", "ms/batch", "energy J", "MB up", "MB down", "memory MB", "fits"):
+        for col in (
+            "edge",
+            "device",
+            "adapter",
+            "online acc",
+            "ms/batch",
+            "energy J",
+            "MB up",
+            "MB down",
+            "memory MB",
+            "fits",
+        ):
             table.add_column(col, justify="left" if col in ("device", "adapter") else "right")
         for r in report["rows"]:
-            table.add_row(str(r["edge"]), r["profile"], r["adapter"], f"{r['accuracy']:.4f}", f"{r['latency_ms_per_batch']:.1f}", f"{r['energy_j']:.2f}", f"{r['bytes_up'] / 1e6:.3f}", f"{r['bytes_down'] / 1e6:.3f}", f"{r['memory_mb']:.1f}", "yes" if r["fits_memory"] else "[red]no[/red]")
+            table.add_row(
+                str(r["edge"]),
+                r["profile"],
+                r["adapter"],
+                f"{r['accuracy']:.4f}",
+                f"{r['latency_ms_per_batch']:.1f}",
+                f"{r['energy_j']:.2f}",
+                f"{r['bytes_up'] / 1e6:.3f}",
+                f"{r['bytes_down'] / 1e6:.3f}",
+                f"{r['memory_mb']:.1f}",
+                "yes" if r["fits_memory"] else "[red]no[/red]",
+            )
         console.print(table)
 
 
@@ -247,7 +306,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:  # the SuperLink's database there is replaced at start: never in the user's own folders
         check_location(workdir, "deployment")
         if workdir.is_dir() and (foreign := sorted({p.name for p in workdir.iterdir()} - DEPLOYMENT_ENTRIES)):
-            raise UnsafeOutput(f"{workdir}: holds files fedsim did not write ({', '.join(foreign[:3])}); choose another --out")
+            raise UnsafeOutput(
+                f"{workdir}: holds files fedsim did not write ({', '.join(foreign[:3])}); choose another --out"
+            )
     except UnsafeOutput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -256,12 +317,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         deployment.start(edge.startup_timeout_s)
-        console.print(f"SuperLink on {deployment.address} with {num_clients(scenario.data)} SuperNodes; Ctrl-C stops them all.")
+        console.print(
+            f"SuperLink on {deployment.address} with {num_clients(scenario.data)} SuperNodes; Ctrl-C stops them all."
+        )
         console.print("Submit fedsim's app from the repository root with Flower's CLI:")
         console.print(
             f"  FLWR_HOME={deployment.flwr_home} flwr run . fedsim-edge --stream "
-            f"--run-config 'scenario=\"{Path(args.scenario).resolve()}\" run-dir=\"{run_dir}\"'",
-            highlight=False, soft_wrap=True,
+            f'--run-config \'scenario="{Path(args.scenario).resolve()}" run-dir="{run_dir}"\'',
+            highlight=False,
+            soft_wrap=True,
         )
         while True:
             deployment.check_alive()
@@ -283,7 +347,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
         check_location(out, "certificates")
         if out.is_dir() and any(out.iterdir()):
             if not args.overwrite:
-                raise UnsafeOutput(f"{out}: folder is not empty; pass --overwrite to replace the certificates fedsim wrote there")
+                raise UnsafeOutput(
+                    f"{out}: folder is not empty; pass --overwrite to replace the certificates fedsim wrote there"
+                )
             if problem := ownership_problem(out, "certs"):
                 raise UnsafeOutput(f"{out}: certificates not replaced: {problem}")
     except UnsafeOutput as exc:

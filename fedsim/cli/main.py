@@ -19,12 +19,16 @@ def _command(parser: argparse.ArgumentParser, handler: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedsim", description="Federated learning and test-time adaptation simulator (Flower + Ray).")
+    p = argparse.ArgumentParser(
+        prog="fedsim", description="Federated learning and test-time adaptation simulator (Flower + Ray)."
+    )
     p.add_argument("--version", action="version", version=f"fedsim {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a scenario (train, then adapt when it has an adaptation section)")
-    add_run_arguments(r, out_help="run folder (default runs/<name>)", resume_help="continue a killed run from its last checkpoint")
+    add_run_arguments(
+        r, out_help="run folder (default runs/<name>)", resume_help="continue a killed run from its last checkpoint"
+    )
     _command(r, "run:cmd_run")
 
     a = sub.add_parser("adapt", help="test-time adaptation of a trained run's model on streaming shifts")
@@ -37,8 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("edge", help="the edge demo on Flower's deployment runtime (SuperLink + SuperNodes)")
     esub = e.add_subparsers(dest="edge_command", required=True)
-    d = esub.add_parser("demo", help="start SuperLink + SuperNodes, run the scenario with flwr run, live view, stop all")
-    add_run_arguments(d, out_help="run folder (default runs/<name>-edge)", resume_help="continue an interrupted demo from its last checkpoint")
+    d = esub.add_parser(
+        "demo", help="start SuperLink + SuperNodes, run the scenario with flwr run, live view, stop all"
+    )
+    add_run_arguments(
+        d,
+        out_help="run folder (default runs/<name>-edge)",
+        resume_help="continue an interrupted demo from its last checkpoint",
+    )
     d.add_argument("--no-live", dest="live", action="store_false", help="print progress lines instead of the live view")
     _command(d, "edge:cmd_demo")
     u = esub.add_parser("up", help="start SuperLink + SuperNodes for a scenario and wait (Ctrl-C stops)")
@@ -54,18 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="run a scenario over a grid of overrides and seeds; table and plot of mean ± std")
     s.add_argument("scenario", nargs="?", help="scenario YAML file")
-    s.add_argument("grid", nargs="*", help="key=v1,v2,... (an axis of the grid; commas inside [...] or quotes do not split) or key=value (a fixed override)")
+    s.add_argument(
+        "grid",
+        nargs="*",
+        help="key=v1,v2,... (an axis of the grid; commas inside [...] or quotes do not split) or key=value (a fixed override)",
+    )
     s.add_argument("--seeds", help="seeds of every point, e.g. 0,1,2 or 0-4 (default: the scenario's seed)")
     s.add_argument("--out", help="sweep folder (default runs/<name>-sweep)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing fedsim sweep folder (never a folder holding other files)")
-    s.add_argument("--resume", metavar="SWEEP_FOLDER", help="continue a sweep: finished runs are skipped, interrupted ones resumed")
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing fedsim sweep folder (never a folder holding other files)",
+    )
+    s.add_argument(
+        "--resume", metavar="SWEEP_FOLDER", help="continue a sweep: finished runs are skipped, interrupted ones resumed"
+    )
     _command(s, "sweep:cmd_sweep")
 
     _command(sub.add_parser("list", help="registered strategies, adapters, datasets, models"), "misc:cmd_list")
 
     rep = sub.add_parser("report", help="compare runs: runs differing only by seed as mean ± std; table, numbers, plot")
     rep.add_argument("runs", nargs="+", help="run folders (runs that differ only by seed form one group)")
-    rep.add_argument("--out", help="plot PNG path; the table and numbers go next to it as .md and .json (default: report.png next to the first run)")
+    rep.add_argument(
+        "--out",
+        help="plot PNG path; the table and numbers go next to it as .md and .json (default: report.png next to the first run)",
+    )
     rep.add_argument("--overwrite", action="store_true", help="replace a report fedsim wrote there before")
     _command(rep, "misc:cmd_report")
 

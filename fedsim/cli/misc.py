@@ -65,7 +65,9 @@ def cmd_data_show(args: argparse.Namespace) -> int:
         error(exc)
         return EXIT_BAD_INPUT
     path = save_domain_grid(dataset, args.out, split=args.split)
-    print(f"{dataset.name}: {', '.join(f'{d} ({len(s.y_train)} train / {len(s.y_test)} test)' for d, s in dataset.domains.items())}")
+    print(
+        f"{dataset.name}: {', '.join(f'{d} ({len(s.y_train)} train / {len(s.y_test)} test)' for d, s in dataset.domains.items())}"
+    )
     print(f"grid: {path}")
     return EXIT_OK
 
@@ -86,10 +88,18 @@ def cmd_data_partitions(args: argparse.Namespace) -> int:
         error(exc)
         return EXIT_BAD_INPUT
     labels = {d: np.asarray(s.y_train) for d, s in dataset.domains.items()}
-    counts = count_partitions(partitions(scenario.data, scenario.seed), labels, dataset.class_names or [str(c) for c in range(dataset.num_classes)])
+    counts = count_partitions(
+        partitions(scenario.data, scenario.seed),
+        labels,
+        dataset.class_names or [str(c) for c in range(dataset.num_classes)],
+    )
     data = scenario.data
-    print(f"{scenario.name}: {dataset.name}, partition {data.partition}, {len(counts.main_domain)} clients, seed {scenario.seed}")
+    print(
+        f"{scenario.name}: {dataset.name}, partition {data.partition}, {len(counts.main_domain)} clients, seed {scenario.seed}"
+    )
     print(format_counts(counts))
-    path = save_heatmap(counts, out, f"{scenario.name}: {dataset.name}, partition {data.partition}, seed {scenario.seed}")
+    path = save_heatmap(
+        counts, out, f"{scenario.name}: {dataset.name}, partition {data.partition}, seed {scenario.seed}"
+    )
     print(f"heat map: {path}")
     return EXIT_OK

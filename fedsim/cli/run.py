@@ -27,7 +27,14 @@ from fedsim.schema import ScenarioError
 
 def _progress(out: Console, total_rounds: int, done: int) -> tuple[Progress, Callable[[dict[str, Any]], None]]:
     """A progress bar over rounds showing the current accuracy, and a line per evaluation."""
-    progress = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), console=out)
+    progress = Progress(
+        TextColumn("round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=out,
+    )
     task = progress.add_task("rounds", total=total_rounds, completed=done, acc="")
 
     def on_round(record: dict[str, Any]) -> None:
@@ -89,7 +96,9 @@ def _cmd_run(args: argparse.Namespace, held: list[OpenRun]) -> int:
         print(f"warning: {warning}", file=sys.stderr)
 
     scenario, run = job.scenario, job.run
-    out.print(f"[b]{scenario.name}[/b]: {scenario.strategy.name} on {scenario.data.dataset}, {num_clients(scenario.data)} clients, {scenario.rounds} rounds, seed {scenario.seed}, runtime {scenario.runtime.name} -> {run.path}")
+    out.print(
+        f"[b]{scenario.name}[/b]: {scenario.strategy.name} on {scenario.data.dataset}, {num_clients(scenario.data)} clients, {scenario.rounds} rounds, seed {scenario.seed}, runtime {scenario.runtime.name} -> {run.path}"
+    )
     quiet_libraries()
     t0 = time.perf_counter()
     progress, on_round = _progress(out, scenario.rounds, job.done_rounds)

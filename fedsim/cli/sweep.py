@@ -28,23 +28,41 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             spec, out = spec_from_saved(Path(args.resume)), Path(args.resume)
         else:
             if not args.scenario:
-                raise ScenarioError("fedsim sweep: give a scenario file (then key=v1,v2,... and key=value), or --resume SWEEP_FOLDER")
+                raise ScenarioError(
+                    "fedsim sweep: give a scenario file (then key=v1,v2,... and key=value), or --resume SWEEP_FOLDER"
+                )
             if "=" in args.scenario and not Path(args.scenario).exists():
-                raise ScenarioError(f"{args.scenario}: scenario file not found (the grid comes after the scenario file)")
+                raise ScenarioError(
+                    f"{args.scenario}: scenario file not found (the grid comes after the scenario file)"
+                )
             seeds = parse_seeds(args.seeds) if args.seeds is not None else None
             spec = parse_sweep_args(args.scenario, list(args.grid), seeds)
             out = Path(args.out) if args.out else None
-        folder, points = run_sweep(spec, runner=main, out=out, overwrite=args.overwrite, log=lambda msg: console.print(f"[b]sweep[/b] {msg}", highlight=False))
+        folder, points = run_sweep(
+            spec,
+            runner=main,
+            out=out,
+            overwrite=args.overwrite,
+            log=lambda msg: console.print(f"[b]sweep[/b] {msg}", highlight=False),
+        )
     except ScenarioError as exc:  # UnsafeOutput included
         error(exc)
         return EXIT_BAD_INPUT
     except SweepInterrupted as exc:
-        print(f"interrupted; finished runs are kept; continue with: fedsim sweep --resume {exc.folder}", file=sys.stderr)
+        print(
+            f"interrupted; finished runs are kept; continue with: fedsim sweep --resume {exc.folder}", file=sys.stderr
+        )
         return EXIT_FAILURE
     print((folder / "sweep.md").read_text())
     failed = [r["folder"] for p in points for r in p["runs"] if r["status"] != "done"]
-    print(f"sweep: {folder / 'sweep.md'}, {folder / 'sweep.json'}" + (f", {folder / 'sweep.png'}" if (folder / "sweep.png").exists() else ""))
+    print(
+        f"sweep: {folder / 'sweep.md'}, {folder / 'sweep.json'}"
+        + (f", {folder / 'sweep.png'}" if (folder / "sweep.png").exists() else "")
+    )
     if failed:
-        print(f"error: {len(failed)} run(s) failed ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); fix the cause and run the sweep again to retry them (finished runs are skipped)", file=sys.stderr)
+        print(
+            f"error: {len(failed)} run(s) failed ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); fix the cause and run the sweep again to retry them (finished runs are skipped)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     return EXIT_OK

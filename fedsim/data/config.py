@@ -31,14 +31,26 @@ class DataConfig(Section):
     domains: list[str] | None = None
     image_size: int = Field(28, ge=8, le=512)
     clients_per_domain: int = Field(1, ge=1)
-    partition: Literal["by-domain", "dirichlet", "iid", "pathological", "shard", "linear", "square", "exponential", "size"] = "by-domain"
+    partition: Literal[
+        "by-domain", "dirichlet", "iid", "pathological", "shard", "linear", "square", "exponential", "size"
+    ] = "by-domain"
     alpha: float = Field(0.5, gt=0)
-    num_classes_per_partition: int | None = Field(None, ge=1, validate_default=True, description="pathological: exact number of classes per client")
-    class_assignment_mode: Literal["random", "deterministic", "first-deterministic"] | None = Field(None, validate_default=True, description="pathological: how classes are dealt (default random)")
-    num_shards_per_partition: int | None = Field(None, ge=1, validate_default=True, description="shard: shards per client")
+    num_classes_per_partition: int | None = Field(
+        None, ge=1, validate_default=True, description="pathological: exact number of classes per client"
+    )
+    class_assignment_mode: Literal["random", "deterministic", "first-deterministic"] | None = Field(
+        None, validate_default=True, description="pathological: how classes are dealt (default random)"
+    )
+    num_shards_per_partition: int | None = Field(
+        None, ge=1, validate_default=True, description="shard: shards per client"
+    )
     shard_size: int | None = Field(None, ge=1, validate_default=True, description="shard: samples per shard")
-    keep_incomplete_shard: bool | None = Field(None, validate_default=True, description="shard: deal out the shorter last shard too (default false)")
-    partition_sizes: list[int] | None = Field(None, validate_default=True, description="size: train-pool samples of each client of a domain")
+    keep_incomplete_shard: bool | None = Field(
+        None, validate_default=True, description="shard: deal out the shorter last shard too (default false)"
+    )
+    partition_sizes: list[int] | None = Field(
+        None, validate_default=True, description="size: train-pool samples of each client of a domain"
+    )
     samples_per_client: int | None = Field(None, ge=1, description="cap on train samples per client")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="client's own test split")
     domain_test_samples: int | None = Field(None, ge=1, description="cap on each domain's global test set")
@@ -61,7 +73,14 @@ class DataConfig(Section):
             raise ValueError(f"domains must be distinct (repeated: {', '.join(dup)})")
         return value
 
-    @field_validator("num_classes_per_partition", "class_assignment_mode", "num_shards_per_partition", "shard_size", "keep_incomplete_shard", "partition_sizes")
+    @field_validator(
+        "num_classes_per_partition",
+        "class_assignment_mode",
+        "num_shards_per_partition",
+        "shard_size",
+        "keep_incomplete_shard",
+        "partition_sizes",
+    )
     @classmethod
     def _partition_parameter(cls, value: Any, info: ValidationInfo) -> Any:
         # A parameter of a partition other than the chosen one would be silently ignored.
@@ -83,4 +102,11 @@ class DataConfig(Section):
         return value
 
 
-_PARTITION_PARAMETERS = {"num_classes_per_partition": "pathological", "class_assignment_mode": "pathological", "num_shards_per_partition": "shard", "shard_size": "shard", "keep_incomplete_shard": "shard", "partition_sizes": "size"}
+_PARTITION_PARAMETERS = {
+    "num_classes_per_partition": "pathological",
+    "class_assignment_mode": "pathological",
+    "num_shards_per_partition": "shard",
+    "shard_size": "shard",
+    "keep_incomplete_shard": "shard",
+    "partition_sizes": "size",
+}

@@ -114,5 +114,8 @@ class ClientDataCache:
             cap = self.cfg.domain_test_samples
             if cap is not None and cap < n:
                 idx = np.sort(np.random.default_rng([self.seed, 0x7E57]).permutation(n)[:cap])
-            self._domain_tests[domain] = (to_tensor(np.asarray(split.x_test[idx])), torch.from_numpy(np.asarray(split.y_test)[idx].astype(np.int64)))
+            self._domain_tests[domain] = (
+                to_tensor(np.asarray(split.x_test[idx])),
+                torch.from_numpy(np.asarray(split.y_test)[idx].astype(np.int64)),
+            )
         return self._domain_tests[domain]

@@ -77,7 +77,15 @@ def _iid_shards(indices: np.ndarray, parts: int, rng: np.random.Generator) -> li
     return [np.sort(s) for s in np.split(perm, cuts)]
 
 
-def _dirichlet_shards(labels: np.ndarray, indices: np.ndarray, parts: int, alpha: float, rng: np.random.Generator, min_size: int, tries: int = 100) -> list[np.ndarray]:
+def _dirichlet_shards(
+    labels: np.ndarray,
+    indices: np.ndarray,
+    parts: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int,
+    tries: int = 100,
+) -> list[np.ndarray]:
     """Label-skewed shards: for each class, Dirichlet(alpha) proportions over the clients.
     Redrawn (seeded) until every client has at least ``min_size`` samples."""
     classes = np.unique(labels[indices])
@@ -92,10 +100,20 @@ def _dirichlet_shards(labels: np.ndarray, indices: np.ndarray, parts: int, alpha
         out = [np.sort(np.concatenate(s)) if s else np.empty(0, np.int64) for s in shards]
         if min(len(s) for s in out) >= min_size:
             return out
-    raise PartitionError(f"dirichlet alpha={alpha} leaves a client with fewer than {min_size} samples after {tries} draws; raise data.alpha or lower data.clients_per_domain")
+    raise PartitionError(
+        f"dirichlet alpha={alpha} leaves a client with fewer than {min_size} samples after {tries} draws; raise data.alpha or lower data.clients_per_domain"
+    )
 
 
-def _label_shards(cfg: DataConfig, labels: np.ndarray, indices: np.ndarray, parts: int, rng: np.random.Generator, min_size: int, where: str) -> list[np.ndarray]:
+def _label_shards(
+    cfg: DataConfig,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    parts: int,
+    rng: np.random.Generator,
+    min_size: int,
+    where: str,
+) -> list[np.ndarray]:
     """``parts`` disjoint index arrays (subsets of ``indices``) by ``cfg.partition``."""
     if cfg.partition == "iid":
         return _iid_shards(indices, parts, rng)
@@ -103,14 +121,20 @@ def _label_shards(cfg: DataConfig, labels: np.ndarray, indices: np.ndarray, part
         return _dirichlet_shards(labels, indices, parts, cfg.alpha, rng, min_size)
     pool = labels[indices]
     if cfg.partition == "pathological":
-        positions = partitioners.pathological(pool, parts, int(cfg.num_classes_per_partition or 0), cfg.class_assignment_mode or "random", rng, where)
+        positions = partitioners.pathological(
+            pool, parts, int(cfg.num_classes_per_partition or 0), cfg.class_assignment_mode or "random", rng, where
+        )
     elif cfg.partition == "shard":
-        positions = partitioners.shard(pool, parts, cfg.num_shards_per_partition, cfg.shard_size, bool(cfg.keep_incomplete_shard), rng, where)
+        positions = partitioners.shard(
+            pool, parts, cfg.num_shards_per_partition, cfg.shard_size, bool(cfg.keep_incomplete_shard), rng, where
+        )
     elif cfg.partition in partitioners.SIZE_FUNCTIONS or cfg.partition == "size":
         if cfg.partition == "size":
             sizes = list(cfg.partition_sizes or [])
             if len(sizes) != parts:
-                raise PartitionError(f"data.partition_sizes: needs one size per client ({parts}{where}), got {len(sizes)}")
+                raise PartitionError(
+                    f"data.partition_sizes: needs one size per client ({parts}{where}), got {len(sizes)}"
+                )
         else:
             sizes = partitioners.id_to_size(len(pool), parts, cfg.partition, where).tolist()
         # flwr-datasets cuts its shuffled dataset (FederatedDataset shuffles by default).
@@ -121,7 +145,9 @@ def _label_shards(cfg: DataConfig, labels: np.ndarray, indices: np.ndarray, part
     out = [np.sort(indices[p]) for p in positions]
     for k, p in enumerate(out):
         if len(p) < min_size:
-            raise PartitionError(f"data.partition: {cfg.partition} gives client {k}{where} {len(p)} sample(s), fewer than the {min_size} a client needs (one train, one test); lower data.clients_per_domain or change its parameters")
+            raise PartitionError(
+                f"data.partition: {cfg.partition} gives client {k}{where} {len(p)} sample(s), fewer than the {min_size} a client needs (one train, one test); lower data.clients_per_domain or change its parameters"
+            )
     return out
 
 
@@ -157,7 +183,17 @@ class Partitions(Sequence[ClientPartition]):
     exactly as the former eager code did, so the indices are the same.
     """
 
-    def __init__(self, domains: list[str], seed: int, shard_idx: np.ndarray, shard_off: np.ndarray, seg_domain: np.ndarray, client_seg: np.ndarray, seg_take: np.ndarray, seg_test: np.ndarray) -> None:
+    def __init__(
+        self,
+        domains: list[str],
+        seed: int,
+        shard_idx: np.ndarray,
+        shard_off: np.ndarray,
+        seg_domain: np.ndarray,
+        client_seg: np.ndarray,
+        seg_take: np.ndarray,
+        seg_test: np.ndarray,
+    ) -> None:
         self.domains = list(domains)
         self.seed = seed
         self.shard_idx, self.shard_off = shard_idx, shard_off
@@ -172,7 +208,10 @@ class Partitions(Sequence[ClientPartition]):
             self.main = np.asarray(seg_domain, dtype=np.int64)
         else:  # the former ``max(shard, key=len)``: the first of the largest segments
             sizes = np.diff(shard_off)
-            self.main = np.array([seg_domain[a + int(np.argmax(sizes[a:b]))] for a, b in zip(client_seg[:-1], client_seg[1:])], dtype=np.int64)
+            self.main = np.array(
+                [seg_domain[a + int(np.argmax(sizes[a:b]))] for a, b in zip(client_seg[:-1], client_seg[1:])],
+                dtype=np.int64,
+            )
 
     def __len__(self) -> int:
         return len(self.client_seg) - 1
@@ -234,7 +273,9 @@ def make_partitions(labels: dict[str, np.ndarray], cfg: DataConfig, seed: int) -
         all_idx = np.arange(len(pooled_labels))
         n = len(domains) * per
         pooled = _label_shards(cfg, pooled_labels, all_idx, n, rng, min_size, " of the pooled domains")
-        segments = [s[(s >= offsets[i]) & (s < offsets[i + 1])] - offsets[i] for s in pooled for i in range(len(domains))]
+        segments = [
+            s[(s >= offsets[i]) & (s < offsets[i + 1])] - offsets[i] for s in pooled for i in range(len(domains))
+        ]
         shard_idx, shard_off = _flat(segments)
         seg_domain = np.tile(np.arange(len(domains)), n)
         client_seg = np.arange(n + 1, dtype=np.int64) * len(domains)
@@ -243,7 +284,9 @@ def make_partitions(labels: dict[str, np.ndarray], cfg: DataConfig, seed: int) -
         for d in domains:
             idx = np.arange(len(labels[d]))
             if len(idx) < per * min_size:
-                raise PartitionError(f"data.clients_per_domain: {per} clients need at least {per * min_size} samples but domain '{d}' has {len(idx)}")
+                raise PartitionError(
+                    f"data.clients_per_domain: {per} clients need at least {per * min_size} samples but domain '{d}' has {len(idx)}"
+                )
             if cfg.partition == "by-domain":
                 flat, off = _iid_flat(idx, per, rng)
             else:
@@ -268,4 +311,6 @@ def make_partitions(labels: dict[str, np.ndarray], cfg: DataConfig, seed: int) -
             tests.append(n_test)
         if sum(take[a:b]) == sum(tests[a:b]):
             raise PartitionError(f"data: client {cid} gets no training samples; lower data.clients_per_domain")
-    return Partitions(domains, seed, shard_idx, shard_off, seg_domain, client_seg, np.array(take, np.int64), np.array(tests, np.int64))
+    return Partitions(
+        domains, seed, shard_idx, shard_off, seg_domain, client_seg, np.array(take, np.int64), np.array(tests, np.int64)
+    )

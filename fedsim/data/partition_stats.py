@@ -36,7 +36,9 @@ class PartitionCounts:
     unassigned: dict[str, int]
 
 
-def count_partitions(parts: Sequence[ClientPartition], labels: dict[str, np.ndarray], class_names: Sequence[str]) -> PartitionCounts:
+def count_partitions(
+    parts: Sequence[ClientPartition], labels: dict[str, np.ndarray], class_names: Sequence[str]
+) -> PartitionCounts:
     """Counts for ``parts`` (indices into the train parts whose labels are ``labels``)."""
     domains = list(labels)
     num_classes = len(class_names)
@@ -45,7 +47,9 @@ def count_partitions(parts: Sequence[ClientPartition], labels: dict[str, np.ndar
     held = {d: np.zeros(len(labels[d]), dtype=bool) for d in domains}
     for row, part in enumerate(parts):
         for d in domains:
-            idx = np.concatenate([part.train.get(d, np.empty(0, np.int64)), part.test.get(d, np.empty(0, np.int64))]).astype(np.int64)
+            idx = np.concatenate(
+                [part.train.get(d, np.empty(0, np.int64)), part.test.get(d, np.empty(0, np.int64))]
+            ).astype(np.int64)
             by_label[row] += np.bincount(labels[d][idx], minlength=num_classes)[:num_classes]
             by_domain[row, domains.index(d)] = len(idx)
             held[d][idx] = True
@@ -76,14 +80,19 @@ def format_counts(counts: PartitionCounts) -> str:
     """Two plain-text tables (by label, by domain) with a total row, then what no client holds."""
     n = len(counts.main_domain)
     head = ["client", "domain", "train", "test"]
-    rows = [[str(c), counts.main_domain[c], str(counts.train[c]), str(counts.test[c]), *map(str, counts.by_label[c])] for c in range(n)]
+    rows = [
+        [str(c), counts.main_domain[c], str(counts.train[c]), str(counts.test[c]), *map(str, counts.by_label[c])]
+        for c in range(n)
+    ]
     rows.append(["total", "", str(counts.train.sum()), str(counts.test.sum()), *map(str, counts.by_label.sum(0))])
     out = ["samples per client by label (train + test):", *_table([*head, *counts.class_names], rows, 2), ""]
     rows = [[str(c), counts.main_domain[c], *map(str, counts.by_domain[c])] for c in range(n)]
     rows.append(["total", "", *map(str, counts.by_domain.sum(0))])
     out += ["samples per client by domain (train + test):", *_table(["client", "domain", *counts.domains], rows, 2), ""]
     left = ", ".join(f"{d} {k}" for d, k in counts.unassigned.items() if k)
-    out.append(f"samples in no client: {left}" if left else "samples in no client: none (every train sample is in a client)")
+    out.append(
+        f"samples in no client: {left}" if left else "samples in no client: none (every train sample is in a client)"
+    )
     return "\n".join(out)
 
 
@@ -106,7 +115,10 @@ def save_heatmap(counts: PartitionCounts, path: str | Path, title: str) -> Path:
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(c, 1), max(d, 1)]}, squeeze=False)[0]
-    for ax, data, names, xlabel in ((axes[0], counts.by_label, counts.class_names, "label"), (axes[1], counts.by_domain, counts.domains, "domain")):
+    for ax, data, names, xlabel in (
+        (axes[0], counts.by_label, counts.class_names, "label"),
+        (axes[1], counts.by_domain, counts.domains, "domain"),
+    ):
         image = ax.imshow(data, cmap="Greens", aspect="auto", interpolation="nearest", vmin=0)
         ax.set_xlabel(xlabel)
         if len(names) <= 60:
@@ -116,7 +128,15 @@ def save_heatmap(counts: PartitionCounts, path: str | Path, title: str) -> Path:
         if annotate:
             top = data.max() if data.size else 0
             for (row, col), value in np.ndenumerate(data):
-                ax.text(col, row, f"{value:,d}", ha="center", va="center", fontsize=7, color="white" if top and value > 0.6 * top else "black")
+                ax.text(
+                    col,
+                    row,
+                    f"{value:,d}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if top and value > 0.6 * top else "black",
+                )
         fig.colorbar(image, ax=ax, label="Count", pad=0.02)
     axes[0].set_ylabel("client")
     axes[0].set_title("per client label distribution", fontsize=10)

@@ -33,7 +33,14 @@ def _as_arrays(parts: Sequence[Sequence[int]] | Sequence[np.ndarray]) -> list[np
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
-def pathological(labels: np.ndarray, num_partitions: int, num_classes_per_partition: int, class_assignment_mode: ClassAssignmentMode, rng: np.random.Generator, where: str = "") -> list[np.ndarray]:
+def pathological(
+    labels: np.ndarray,
+    num_partitions: int,
+    num_classes_per_partition: int,
+    class_assignment_mode: ClassAssignmentMode,
+    rng: np.random.Generator,
+    where: str = "",
+) -> list[np.ndarray]:
     """``PathologicalPartitioner``: every partition holds exactly
     ``num_classes_per_partition`` classes; each class's samples (in index order) are cut
     by ``np.array_split`` into as many near-equal parts as partitions hold that class.
@@ -47,7 +54,9 @@ def pathological(labels: np.ndarray, num_partitions: int, num_classes_per_partit
     unique = np.unique(labels)  # sorted, as flwr-datasets' sorted(dataset.unique(...))
     n_classes = len(unique)
     if num_classes_per_partition > n_classes:
-        raise PartitionError(f"data.num_classes_per_partition: {num_classes_per_partition} is more than the {n_classes} classes{where}")
+        raise PartitionError(
+            f"data.num_classes_per_partition: {num_classes_per_partition} is more than the {n_classes} classes{where}"
+        )
     assigned: list[list[int]] = [[] for _ in range(num_partitions)]
     if class_assignment_mode == "first-deterministic":
         for pid in range(num_partitions):
@@ -63,12 +72,16 @@ def pathological(labels: np.ndarray, num_partitions: int, num_classes_per_partit
         for pid in range(num_partitions):
             assigned[pid] = rng.choice(unique, size=num_classes_per_partition, replace=False).tolist()
     else:
-        raise PartitionError(f"data.class_assignment_mode: must be random, deterministic or first-deterministic (got {class_assignment_mode!r})")
+        raise PartitionError(
+            f"data.class_assignment_mode: must be random, deterministic or first-deterministic (got {class_assignment_mode!r})"
+        )
     times_used = {c.item(): sum(c.item() in a for a in assigned) for c in unique}
     for c in unique:
         available = int(np.sum(labels == c))
         if times_used[c.item()] > available:
-            raise PartitionError(f"data.num_classes_per_partition: class {c.item()} is assigned to {times_used[c.item()]} clients but has only {available} samples{where}; lower it or data.clients_per_domain, or use data.class_assignment_mode deterministic")
+            raise PartitionError(
+                f"data.num_classes_per_partition: class {c.item()} is assigned to {times_used[c.item()]} clients but has only {available} samples{where}; lower it or data.clients_per_domain, or use data.class_assignment_mode deterministic"
+            )
     out: list[list[int]] = [[] for _ in range(num_partitions)]
     for c in unique:
         if times_used[c.item()] == 0:
@@ -82,7 +95,15 @@ def pathological(labels: np.ndarray, num_partitions: int, num_classes_per_partit
     return _as_arrays(out)
 
 
-def shard(labels: np.ndarray, num_partitions: int, num_shards_per_partition: int | None, shard_size: int | None, keep_incomplete_shard: bool, rng: np.random.Generator, where: str = "") -> list[np.ndarray]:
+def shard(
+    labels: np.ndarray,
+    num_partitions: int,
+    num_shards_per_partition: int | None,
+    shard_size: int | None,
+    keep_incomplete_shard: bool,
+    rng: np.random.Generator,
+    where: str = "",
+) -> list[np.ndarray]:
     """``ShardPartitioner`` (McMahan et al.'s pathological non-IID split): sort the
     samples by label (stable), cut them into consecutive shards of ``shard_size``, give
     each partition ``num_shards_per_partition`` shards drawn at random.
@@ -96,21 +117,31 @@ def shard(labels: np.ndarray, num_partitions: int, num_shards_per_partition: int
     labels = np.asarray(labels)
     n = len(labels)
     order = np.argsort(labels, kind="stable")  # datasets' Dataset.sort is stable
-    if shard_size is not None and num_shards_per_partition is not None and shard_size * num_shards_per_partition * num_partitions > n:
-        raise PartitionError(f"data.shard_size: {num_partitions} clients x {num_shards_per_partition} shards x {shard_size} samples need {shard_size * num_shards_per_partition * num_partitions} samples but there are {n}{where}")
+    if (
+        shard_size is not None
+        and num_shards_per_partition is not None
+        and shard_size * num_shards_per_partition * num_partitions > n
+    ):
+        raise PartitionError(
+            f"data.shard_size: {num_partitions} clients x {num_shards_per_partition} shards x {shard_size} samples need {shard_size * num_shards_per_partition * num_partitions} samples but there are {n}{where}"
+        )
     if num_shards_per_partition is not None:
         num_shards_used = num_partitions * num_shards_per_partition
         per_partition = np.ones(num_partitions) * num_shards_per_partition
         if shard_size is None:
             shard_size = int(n / num_shards_used)
             if shard_size < 1:
-                raise PartitionError(f"data.num_shards_per_partition: {num_partitions} clients x {num_shards_per_partition} shards is more than the {n} samples{where}")
+                raise PartitionError(
+                    f"data.num_shards_per_partition: {num_partitions} clients x {num_shards_per_partition} shards is more than the {n} samples{where}"
+                )
             usable = math.ceil(n / shard_size) if keep_incomplete_shard else math.floor(n / shard_size)
         else:
             usable = math.floor(n / shard_size)
     else:
         if shard_size is None:
-            raise PartitionError("data.shard_size: give data.shard_size or data.num_shards_per_partition for partition shard")
+            raise PartitionError(
+                "data.shard_size: give data.shard_size or data.num_shards_per_partition for partition shard"
+            )
         num_shards_used = math.ceil(n / shard_size) if keep_incomplete_shard else math.floor(n / shard_size)
         usable = num_shards_used
         base = int(num_shards_used / num_partitions)
@@ -118,7 +149,9 @@ def shard(labels: np.ndarray, num_partitions: int, num_shards_per_partition: int
         for i in range(num_shards_used - num_partitions * base):
             per_partition[i] += 1
     if usable < num_partitions:
-        raise PartitionError(f"data.shard_size: {usable} shards of {shard_size} samples for {num_partitions} clients leave some empty{where}; lower data.shard_size")
+        raise PartitionError(
+            f"data.shard_size: {usable} shards of {shard_size} samples for {num_partitions} clients leave some empty{where}; lower data.shard_size"
+        )
     cuts = np.cumsum(per_partition, dtype=int)
     shard_ids = rng.permutation(usable)[:num_shards_used]
     out: list[list[int]] = []
@@ -131,7 +164,11 @@ def shard(labels: np.ndarray, num_partitions: int, num_shards_per_partition: int
 
 
 # Quantity skew: IdToSizeFncPartitioner's size functions, applied to ids 1..M.
-SIZE_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"linear": lambda x: x, "square": np.square, "exponential": np.exp}
+SIZE_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "linear": lambda x: x,
+    "square": np.square,
+    "exponential": np.exp,
+}
 
 
 def id_to_size(n: int, num_partitions: int, size_fn: str, where: str = "") -> np.ndarray:
@@ -142,7 +179,9 @@ def id_to_size(n: int, num_partitions: int, size_fn: str, where: str = "") -> np
     sizes = np.array(units / units.sum() * n, dtype=np.int64)
     sizes[-1] += n - np.sum(sizes)
     if (sizes < 1).any():
-        raise PartitionError(f"data.partition: {size_fn} gives client {int(np.argmin(sizes))} no samples ({n} samples, {num_partitions} clients){where}; lower data.clients_per_domain")
+        raise PartitionError(
+            f"data.partition: {size_fn} gives client {int(np.argmin(sizes))} no samples ({n} samples, {num_partitions} clients){where}; lower data.clients_per_domain"
+        )
     return sizes
 
 

@@ -111,12 +111,16 @@ def _open_run(run_config: dict[str, Any]) -> tuple[Any, Any, bool]:
     run_dir = Path(str(run_config.get("run-dir", "")) or f"runs/{Path(scenario_file).stem}-flwr").resolve()
     if (run_dir / "scenario.yaml").is_file():
         if not _flag(run_config.get("resume", False)):
-            raise ScenarioError(f"{run_dir}: run folder exists; submit with --run-config 'resume=true' (same scenario) to continue it, or choose another run-dir")
+            raise ScenarioError(
+                f"{run_dir}: run folder exists; submit with --run-config 'resume=true' (same scenario) to continue it, or choose another run-dir"
+            )
         run, scenario = open_run(run_dir)
         if scenario_file and Path(scenario_file).resolve() != run.scenario_file.resolve():
             submitted = load_scenario(scenario_file)
             if submitted.model_dump() != scenario.model_dump():
-                raise ScenarioError(f"{run_dir}: holds a different scenario than {scenario_file}; resume=true continues only the saved one (choose another run-dir)")
+                raise ScenarioError(
+                    f"{run_dir}: holds a different scenario than {scenario_file}; resume=true continues only the saved one (choose another run-dir)"
+                )
         return run, scenario, bool(run.read_metrics()) or run.checkpoints.exists()
     scenario = load_scenario(scenario_file)
     return RunFolder.create(run_dir, scenario, overwrite=False), scenario, False
@@ -145,9 +149,15 @@ def run_cloud(grid: Grid, run_config: dict[str, Any]) -> Path:
             pgrid = experiment.grid
             progress.write("adapt", adapters=[s.display for s in cfg.adapter_specs()])
             summary = run_adaptation(
-                model_run, cfg, run.path, name=scenario.name, source=str(run.scenario_file),
+                model_run,
+                cfg,
+                run.path,
+                name=scenario.name,
+                source=str(run.scenario_file),
                 log=lambda m: progress.write("log", message=m),
-                player=lambda models, foundation: EdgePlayer(pgrid, model_run, cfg, models, foundation, lambda u: progress.write("edge", **u)),
+                player=lambda models, foundation: EdgePlayer(
+                    pgrid, model_run, cfg, models, foundation, lambda u: progress.write("edge", **u)
+                ),
             )
         write_device_report(run.path, scenario, records, summary)
     except BaseException as exc:

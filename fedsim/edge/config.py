@@ -66,7 +66,9 @@ class EdgeConfig(Section):
     @classmethod
     def _loopback(cls, value: str) -> str:
         if value not in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError(f"must be a loopback address (127.0.0.1, localhost or ::1), got '{value}': the demo never listens on other interfaces")
+            raise ValueError(
+                f"must be a loopback address (127.0.0.1, localhost or ::1), got '{value}': the demo never listens on other interfaces"
+            )
         return value
 
     @field_validator("profiles")

@@ -20,7 +20,14 @@ class ProgressReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = 0
-        self.state: dict[str, Any] = {"phase": "starting", "rounds": None, "round": 0, "accuracy": None, "edges": {}, "log": []}
+        self.state: dict[str, Any] = {
+            "phase": "starting",
+            "rounds": None,
+            "round": 0,
+            "accuracy": None,
+            "edges": {},
+            "log": [],
+        }
 
     def poll(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
@@ -42,7 +49,12 @@ class ProgressReader:
             s.update(phase="training", rounds=ev["rounds"])
         elif kind == "round":
             r = ev["record"]
-            s.update(round=r["round"], accuracy=r.get("accuracy"), bytes_up=r.get("bytes_up_total"), bytes_down=r.get("bytes_down_total"))
+            s.update(
+                round=r["round"],
+                accuracy=r.get("accuracy"),
+                bytes_up=r.get("bytes_up_total"),
+                bytes_down=r.get("bytes_down_total"),
+            )
         elif kind == "adapt":
             s["phase"] = "adapting"
         elif kind == "edge":
@@ -66,20 +78,49 @@ def render(state: dict[str, Any], edge_cfg: EdgeConfig, title: str) -> Any:
         (f"{title}  ", "bold"),
         f"phase: {state['phase']}   round {state['round']}/{state['rounds'] or '?'}",
         f"   global accuracy {acc:.4f}" if acc is not None else "",
-        f"   training MB up/down {state.get('bytes_up', 0) / 1e6:.2f}/{state.get('bytes_down', 0) / 1e6:.2f}" if state.get("bytes_up") else "",
+        f"   training MB up/down {state.get('bytes_up', 0) / 1e6:.2f}/{state.get('bytes_down', 0) / 1e6:.2f}"
+        if state.get("bytes_up")
+        else "",
     )
     table = Table(expand=False)
-    for col in ("edge", "device", "adapter", "seed", "batches", "online acc", "uploaded", "MB up", "MB down", "est. ms/batch", "est. J"):
+    for col in (
+        "edge",
+        "device",
+        "adapter",
+        "seed",
+        "batches",
+        "online acc",
+        "uploaded",
+        "MB up",
+        "MB down",
+        "est. ms/batch",
+        "est. J",
+    ):
         table.add_column(col, justify="left" if col in ("device", "adapter") else "right")
     for (edge, adapter, seed), ev in sorted(state["edges"].items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
         profile = edge_cfg.profile_of(edge)
-        est = estimate(profile, ev.get("seconds", 0.0), ev["batches"], ev.get("bytes_up", 0.0), ev.get("bytes_down", 0.0), int(ev.get("cloud_steps", 0)), 0)
+        est = estimate(
+            profile,
+            ev.get("seconds", 0.0),
+            ev["batches"],
+            ev.get("bytes_up", 0.0),
+            ev.get("bytes_down", 0.0),
+            int(ev.get("cloud_steps", 0)),
+            0,
+        )
         acc_e = ev["correct"] / ev["samples"] if ev["samples"] else 0.0
         table.add_row(
-            str(edge), profile.name, adapter + ("" if ev.get("done") else " ..."), str(seed), str(ev["batches"]), f"{acc_e:.4f}",
+            str(edge),
+            profile.name,
+            adapter + ("" if ev.get("done") else " ..."),
+            str(seed),
+            str(ev["batches"]),
+            f"{acc_e:.4f}",
             str(ev.get("uploaded", "-")) if not ev.get("on_device") else "-",
-            f"{ev.get('bytes_up', 0) / 1e6:.3f}", f"{ev.get('bytes_down', 0) / 1e6:.3f}",
-            f"{est['latency_ms_per_batch']:.1f}", f"{est['energy_j']:.2f}",
+            f"{ev.get('bytes_up', 0) / 1e6:.3f}",
+            f"{ev.get('bytes_down', 0) / 1e6:.3f}",
+            f"{est['latency_ms_per_batch']:.1f}",
+            f"{est['energy_j']:.2f}",
         )
     parts: list[Any] = [head]
     if state["edges"]:

@@ -86,7 +86,10 @@ def processes_with_token(token: str, env: str = TOKEN_ENV) -> list[int]:
 
 # What a deployment working folder holds (``fedsim edge up`` refuses a folder with anything else,
 # since it replaces superlink.db there); the demo's is ``<run folder>/edge``.
-DEPLOYMENT_ENTRIES = frozenset({"flwr-home", "logs", "run", "superlink.db", "superlink.db-wal", "superlink.db-shm", "superlink.db-journal"})
+DEPLOYMENT_ENTRIES = frozenset(
+    {"flwr-home", "logs", "run", "superlink.db", "superlink.db-wal", "superlink.db-shm", "superlink.db-journal"}
+)
+
 
 @dataclass
 class TLSFiles:
@@ -126,14 +129,23 @@ class LocalDeployment:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({TOKEN_ENV: self.token, "FLWR_HOME": str(self.flwr_home), "PYTHONUNBUFFERED": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"})
+        env.update(
+            {
+                TOKEN_ENV: self.token,
+                "FLWR_HOME": str(self.flwr_home),
+                "PYTHONUNBUFFERED": "1",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+            }
+        )
         return env
 
     # -- start ---------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True, cwd=os.getcwd())
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True, cwd=os.getcwd()
+        )
         log.close()
         self.procs.append((name, proc))
         return proc
@@ -142,7 +154,14 @@ class LocalDeployment:
         if self.tls is None:
             return ["--insecure"]
         if superlink:
-            return ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert), "--ssl-keyfile", str(self.tls.key)]
+            return [
+                "--ssl-ca-certfile",
+                str(self.tls.ca),
+                "--ssl-certfile",
+                str(self.tls.cert),
+                "--ssl-keyfile",
+                str(self.tls.key),
+            ]
         return ["--root-certificates", str(self.tls.ca)]
 
     def start(self, timeout_s: float = 90.0) -> None:
@@ -152,17 +171,36 @@ class LocalDeployment:
         self._write_cli_config()
         self._spawn(
             "superlink",
-            [_executable("flower-superlink"), *self._security(True), "--host", self.host, "--port", str(self.port),
-             "--database", str(self.workdir / "superlink.db"), "--disable-runtime-dependency-installation",
-             *(["--simulation"] if self.simulation else [])],
+            [
+                _executable("flower-superlink"),
+                *self._security(True),
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.workdir / "superlink.db"),
+                "--disable-runtime-dependency-installation",
+                *(["--simulation"] if self.simulation else []),
+            ],
         )
         self._wait_listening(timeout_s)
         for i in range(0 if self.simulation else self.num_nodes):
             node_config = f'partition-id={i} num-partitions={self.num_nodes} state-dir="{self.state_dir}"'
             self._spawn(
                 f"supernode-{i}",
-                [_executable("flower-supernode"), *self._security(False), "--superlink", self.address, "--node-config", node_config,
-                 "--host", self.host, "--port", str(free_port(self.host))],
+                [
+                    _executable("flower-supernode"),
+                    *self._security(False),
+                    "--superlink",
+                    self.address,
+                    "--node-config",
+                    node_config,
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(free_port(self.host)),
+                ],
             )
 
     def _wait_listening(self, timeout_s: float) -> None:
@@ -174,28 +212,44 @@ class LocalDeployment:
                     return
             except OSError:
                 time.sleep(0.2)
-        raise DeploymentError(f"SuperLink did not listen on {self.address} within {timeout_s:.0f}s (log: {self.logs / 'superlink.log'})")
+        raise DeploymentError(
+            f"SuperLink did not listen on {self.address} within {timeout_s:.0f}s (log: {self.logs / 'superlink.log'})"
+        )
 
     def check_alive(self) -> None:
         for name, proc in self.procs:
             if proc.poll() is not None:
                 tail = (self.logs / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
-                raise DeploymentError(f"{name} exited with code {proc.returncode}: {tail[0][:200]} (log: {self.logs / (name + '.log')})")
+                raise DeploymentError(
+                    f"{name} exited with code {proc.returncode}: {tail[0][:200]} (log: {self.logs / (name + '.log')})"
+                )
 
     def _write_cli_config(self) -> None:
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{self.address}"']
+        lines = [
+            "[superlink]",
+            f'default = "{CONNECTION}"',
+            "",
+            f"[superlink.{CONNECTION}]",
+            f'address = "{self.address}"',
+        ]
         lines.append(f'root-certificates = "{self.tls.ca}"' if self.tls else "insecure = true")
         (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
     # -- runs ----------------------------------------------------------------------------
     def flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
         """Flower's own CLI against this SuperLink (the connection in ``flwr-home``)."""
-        return subprocess.run([_executable("flwr"), *args], env=self.env(), capture_output=True, text=True, timeout=timeout_s)
+        return subprocess.run(
+            [_executable("flwr"), *args], env=self.env(), capture_output=True, text=True, timeout=timeout_s
+        )
 
     def submit(self, app_dir: Path, run_config: dict[str, Any], federation_config: dict[str, Any] | None = None) -> int:
         """``flwr run APP fedsim-edge --run-config ... [--federation-config ...]``; returns the run id."""
         pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        federation = ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())] if federation_config else []
+        federation = (
+            ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())]
+            if federation_config
+            else []
+        )
         out = self.flwr("run", str(app_dir), CONNECTION, "--run-config", pairs, *federation, "--format", "json")
         reply = json_reply(out.stdout)
         if out.returncode != 0 or not reply.get("success", False):

@@ -54,10 +54,22 @@ def model_memory_bytes(model: nn.Module, batch: torch.Tensor) -> int:
     return int(static + acts)
 
 
-def estimate(profile: DeviceProfile, seconds: float, batches: int, bytes_up: float, bytes_down: float, exchanges: int, memory_bytes: int) -> dict[str, Any]:
+def estimate(
+    profile: DeviceProfile,
+    seconds: float,
+    batches: int,
+    bytes_up: float,
+    bytes_down: float,
+    exchanges: int,
+    memory_bytes: int,
+) -> dict[str, Any]:
     """Latency, energy and memory fit of one edge's stream on ``profile`` (module docstring)."""
     compute_s = seconds / profile.compute
-    transfer_s = bytes_up * 8 / (profile.uplink_mbps * 1e6) + bytes_down * 8 / (profile.downlink_mbps * 1e6) + exchanges * profile.rtt_ms / 1e3
+    transfer_s = (
+        bytes_up * 8 / (profile.uplink_mbps * 1e6)
+        + bytes_down * 8 / (profile.downlink_mbps * 1e6)
+        + exchanges * profile.rtt_ms / 1e3
+    )
     energy = profile.compute_w * compute_s + profile.radio_nj_per_bit * 1e-9 * 8 * (bytes_up + bytes_down)
     return {
         "profile": profile.name,
@@ -88,17 +100,43 @@ def device_report(scenario: Any, summary: dict[str, Any] | None) -> dict[str, An
             for seed, s in entry["per_seed"].items():
                 m = s.get("metrics", {})
                 est = estimate(
-                    edge_cfg.profile_of(int(edge)), float(s["seconds_total"]), int(s["batches"]),
-                    float(m.get("bytes_up", 0.0)), float(m.get("bytes_down", 0.0)), int(m.get("cloud_steps", 0)), memory,
+                    edge_cfg.profile_of(int(edge)),
+                    float(s["seconds_total"]),
+                    int(s["batches"]),
+                    float(m.get("bytes_up", 0.0)),
+                    float(m.get("bytes_down", 0.0)),
+                    int(m.get("cloud_steps", 0)),
+                    memory,
                 )
-                rows.append({"edge": int(edge), "adapter": label, "seed": int(seed), "accuracy": s["accuracy"], "samples": s["samples"], "bytes_up": m.get("bytes_up", 0.0), "bytes_down": m.get("bytes_down", 0.0), **est})
-    return {"profiles": {k: v.model_dump() for k, v in edge_cfg.profiles.items()}, "devices": {str(k): v for k, v in edge_cfg.devices.items()}, "rows": rows}
+                rows.append(
+                    {
+                        "edge": int(edge),
+                        "adapter": label,
+                        "seed": int(seed),
+                        "accuracy": s["accuracy"],
+                        "samples": s["samples"],
+                        "bytes_up": m.get("bytes_up", 0.0),
+                        "bytes_down": m.get("bytes_down", 0.0),
+                        **est,
+                    }
+                )
+    return {
+        "profiles": {k: v.model_dump() for k, v in edge_cfg.profiles.items()},
+        "devices": {str(k): v for k, v in edge_cfg.devices.items()},
+        "rows": rows,
+    }
 
 
-def write_device_report(run_dir: Path, scenario: Any, records: list[dict[str, Any]], summary: dict[str, Any] | None) -> Path:
+def write_device_report(
+    run_dir: Path, scenario: Any, records: list[dict[str, Any]], summary: dict[str, Any] | None
+) -> Path:
     report = device_report(scenario, summary)
     if records:
-        report["training"] = {"bytes_up_total": records[-1].get("bytes_up_total"), "bytes_down_total": records[-1].get("bytes_down_total"), "rounds": records[-1].get("round")}
+        report["training"] = {
+            "bytes_up_total": records[-1].get("bytes_up_total"),
+            "bytes_down_total": records[-1].get("bytes_down_total"),
+            "rounds": records[-1].get("round"),
+        }
     out = Path(run_dir) / "edge" / DEVICES
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, json.dumps(report, indent=2).encode())

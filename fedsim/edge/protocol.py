@@ -111,7 +111,9 @@ def _adaptation(runtime: ClientRuntime) -> AdaptationConfig:
     return cfg
 
 
-def _deploy(runtime: ClientRuntime, global_arrays: dict[str, np.ndarray], cid: int, config: dict[str, Any]) -> torch.nn.Module:
+def _deploy(
+    runtime: ClientRuntime, global_arrays: dict[str, np.ndarray], cid: int, config: dict[str, Any]
+) -> torch.nn.Module:
     """The edge's model: the global arrays it was sent plus its own local state."""
 
     which = _adaptation(runtime).model
@@ -174,7 +176,14 @@ def _from_bytes(data: bytes, device: torch.device) -> Any:
 
 
 def play_edge(
-    edge: EdgeHalf, batches: list[Any], start: int, budget: int, reset_on_new_shift: bool, counters: dict[str, float], device: torch.device, was_reset: bool = False
+    edge: EdgeHalf,
+    batches: list[Any],
+    start: int,
+    budget: int,
+    reset_on_new_shift: bool,
+    counters: dict[str, float],
+    device: torch.device,
+    was_reset: bool = False,
 ) -> tuple[list[list[Any]], list[Payload | None], int, bool]:
     """Play batches from ``start`` through ``edge`` until its uploads since ``start`` reach
     ``budget`` (at least one batch), a shift where the adapter resets (``boundary``: the
@@ -212,7 +221,9 @@ def play_edge(
     return rows, uploads, i, boundary
 
 
-def cloud_take(cloud: CloudHalf, rows: list[BatchRecord], uploads: list[Payload | None], bytes_down: float) -> tuple[Payload | None, float]:
+def cloud_take(
+    cloud: CloudHalf, rows: list[BatchRecord], uploads: list[Payload | None], bytes_down: float
+) -> tuple[Payload | None, float]:
     """The cloud's side of one reply: each played batch's upload in order, as the
     in-process :class:`~fedsim.adapters.base.SplitAdapter` hands them over. Completes each row's
     metrics as the in-process adapter reports them after that batch and returns the update
@@ -225,7 +236,12 @@ def cloud_take(cloud: CloudHalf, rows: list[BatchRecord], uploads: list[Payload 
                 raise RuntimeError("the split adapter's upload_budget let the edge play past a model update")
             bytes_down += payload_bytes(update)
         seen = row.metrics["samples"]
-        row.metrics = {**row.metrics, "upload_fraction": row.metrics["samples_uploaded"] / seen if seen else 0.0, "bytes_down": float(bytes_down), **cloud.metrics()}
+        row.metrics = {
+            **row.metrics,
+            "upload_fraction": row.metrics["samples_uploaded"] / seen if seen else 0.0,
+            "bytes_down": float(bytes_down),
+            **cloud.metrics(),
+        }
     return update, bytes_down
 
 
@@ -248,7 +264,10 @@ def edge_split(runtime: ClientRuntime, msg: Message, context: Context) -> Messag
         context.state[f"{key}.model"] = arrays["model"]
         context.state[f"{key}.state"] = ConfigRecord({"next": 0, "blob": b""})
     saved_record = context.state.config_records[f"{key}.state"]
-    edge = cls.make_edge(_deploy(runtime, record_to_numpy(context.state.array_records[f"{key}.model"]), cid, config), edge_settings(cls, spec))
+    edge = cls.make_edge(
+        _deploy(runtime, record_to_numpy(context.state.array_records[f"{key}.model"]), cid, config),
+        edge_settings(cls, spec),
+    )
     counters = {"samples": 0.0, "batches": 0.0, "adapt_seconds": 0.0, "samples_uploaded": 0.0, "bytes_up": 0.0}
     blob = bytes(saved_record["blob"])  # type: ignore[arg-type]
     if blob:
@@ -256,17 +275,30 @@ def edge_split(runtime: ClientRuntime, msg: Message, context: Context) -> Messag
         edge.load_state(saved["edge"])
         counters = saved["counters"]
     if "update" in arrays:
-        edge.apply({k: torch.from_numpy(v.copy()).to(runtime.device) for k, v in record_to_numpy(arrays["update"]).items()})
+        edge.apply(
+            {k: torch.from_numpy(v.copy()).to(runtime.device) for k, v in record_to_numpy(arrays["update"]).items()}
+        )
     was_reset = bool(config.get("fedsim.reset", False))
     if was_reset:  # the adapter resets at a new shift
         edge.reset()
     batches, record, reset, _ = _stream(runtime, cid, seed)
     start = int(saved_record["next"])  # type: ignore[arg-type]
-    played, uploads, i, boundary = play_edge(edge, batches, start, int(config["fedsim.budget"]), reset, counters, runtime.device, was_reset)
-    context.state[f"{key}.state"] = ConfigRecord({"next": i, "blob": _to_bytes({"edge": edge.state(), "counters": counters})})
+    played, uploads, i, boundary = play_edge(
+        edge, batches, start, int(config["fedsim.budget"]), reset, counters, runtime.device, was_reset
+    )
+    context.state[f"{key}.state"] = ConfigRecord(
+        {"next": i, "blob": _to_bytes({"edge": edge.state(), "counters": counters})}
+    )
     content = RecordDict(
         {
-            "config": ConfigRecord({"batches": json.dumps(played), "done": i >= len(batches), "boundary": boundary, "record": json.dumps(record) if start == 0 else ""}),
+            "config": ConfigRecord(
+                {
+                    "batches": json.dumps(played),
+                    "done": i >= len(batches),
+                    "boundary": boundary,
+                    "record": json.dumps(record) if start == 0 else "",
+                }
+            ),
             "metrics": MetricRecord({"uploaded": sum(uploaded_samples(u) for u in uploads)}),
         }
     )
@@ -329,12 +361,19 @@ class EdgePlayer:
                 raise RuntimeError(f"edge {cid} failed: {r.error.reason}")
         return replies
 
-    def play(self, seed: int, edges: list[int], specs: list[AdapterSpec]) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]:
+    def play(
+        self, seed: int, edges: list[int], specs: list[AdapterSpec]
+    ) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]:
         on_device = [self.specs.index(s) for s in specs if not is_cloud_edge(s)]
         if on_device:
             msgs = [
                 Message(
-                    RecordDict({"model": self.global_record, "config": ConfigRecord(self._config(seed, **{"fedsim.specs": json.dumps(on_device)}))}),
+                    RecordDict(
+                        {
+                            "model": self.global_record,
+                            "config": ConfigRecord(self._config(seed, **{"fedsim.specs": json.dumps(on_device)})),
+                        }
+                    ),
                     dst_node_id=e,
                     message_type=ADAPT,
                 )
@@ -344,17 +383,33 @@ class EdgePlayer:
             for e in edges:
                 for item in json.loads(str(replies[e].content["config"]["results"])):
                     res = result_from_json(item["result"])
-                    self.progress({"edge": e, "adapter": res.adapter, "seed": seed, "batches": len(res.batches), "samples": res.samples, "correct": sum(b.correct for b in res.batches), "done": True, "on_device": True, "seconds": sum(b.seconds for b in res.batches)})
+                    self.progress(
+                        {
+                            "edge": e,
+                            "adapter": res.adapter,
+                            "seed": seed,
+                            "batches": len(res.batches),
+                            "samples": res.samples,
+                            "correct": sum(b.correct for b in res.batches),
+                            "done": True,
+                            "on_device": True,
+                            "seconds": sum(b.seconds for b in res.batches),
+                        }
+                    )
                     yield self.specs[item["spec"]], e, res, item["description"]
         for spec in specs:
             if is_cloud_edge(spec):
                 yield from self._play_split(seed, edges, spec)
 
-    def _play_split(self, seed: int, edges: list[int], spec: AdapterSpec) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]:
+    def _play_split(
+        self, seed: int, edges: list[int], spec: AdapterSpec
+    ) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]:
         index = self.specs.index(spec)
         adapters: dict[int, SplitAdapter] = {}
         for e in edges:
-            adapter = build_adapter(spec.name, self.models[e], **adapter_args(spec, stream_seed(seed, e), self.foundation))
+            adapter = build_adapter(
+                spec.name, self.models[e], **adapter_args(spec, stream_seed(seed, e), self.foundation)
+            )
             assert isinstance(adapter, SplitAdapter)
             adapters[e] = adapter
         batches: dict[int, list[BatchRecord]] = {e: [] for e in edges}
@@ -367,7 +422,11 @@ class EdgePlayer:
         while active:
             msgs = []
             for e in active:
-                extra = {"fedsim.spec": index, "fedsim.budget": adapters[e].cloud.upload_budget(), "fedsim.reset": reset_next[e]}
+                extra = {
+                    "fedsim.spec": index,
+                    "fedsim.budget": adapters[e].cloud.upload_budget(),
+                    "fedsim.reset": reset_next[e],
+                }
                 content = RecordDict({"config": ConfigRecord(self._config(seed, **extra))})
                 if first:
                     content["model"] = self.global_record
@@ -396,10 +455,18 @@ class EdgePlayer:
                 m = last.metrics if last and last.metrics else {}
                 self.progress(
                     {
-                        "edge": e, "adapter": spec.display, "seed": seed, "batches": len(batches[e]),
-                        "samples": sum(b.samples for b in batches[e]), "correct": sum(b.correct for b in batches[e]),
-                        "uploaded": int(m.get("samples_uploaded", 0)), "bytes_up": float(m.get("bytes_up", 0.0)),
-                        "bytes_down": bytes_down[e], "cloud_steps": int(m.get("cloud_steps", 0)), "done": done, "on_device": False,
+                        "edge": e,
+                        "adapter": spec.display,
+                        "seed": seed,
+                        "batches": len(batches[e]),
+                        "samples": sum(b.samples for b in batches[e]),
+                        "correct": sum(b.correct for b in batches[e]),
+                        "uploaded": int(m.get("samples_uploaded", 0)),
+                        "bytes_up": float(m.get("bytes_up", 0.0)),
+                        "bytes_down": bytes_down[e],
+                        "cloud_steps": int(m.get("cloud_steps", 0)),
+                        "done": done,
+                        "on_device": False,
                         "seconds": sum(b.seconds for b in batches[e]),
                     }
                 )

@@ -71,7 +71,9 @@ def agc_settings(config: dict[str, Any]) -> tuple[float, float, tuple[str, ...]]
 
 
 def clip_model_(model: nn.Module, clip: float, eps: float = DEFAULT_EPS, exclude: tuple[str, ...] = ()) -> int:
-    params = [p for name, p in model.named_parameters() if p.requires_grad and not any(name.startswith(e) for e in exclude)]
+    params = [
+        p for name, p in model.named_parameters() if p.requires_grad and not any(name.startswith(e) for e in exclude)
+    ]
     return adaptive_clip_(params, clip, eps)
 
 

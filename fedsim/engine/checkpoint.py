@@ -89,7 +89,9 @@ def _check_restorable(strategy: object, name: str) -> None:
     saved, so a name that is a class attribute (a method, ``client_hooks``) or one the
     engine interprets was not written by fedsim and is refused."""
     if not name.isidentifier() or name.startswith("__") or name in _ENGINE_ATTRS or hasattr(type(strategy), name):
-        raise ValueError(f"strategy state '{name}' is not instance state of {type(strategy).__name__} (refused: checkpoint contents are data)")
+        raise ValueError(
+            f"strategy state '{name}' is not instance state of {type(strategy).__name__} (refused: checkpoint contents are data)"
+        )
 
 
 def load_strategy_state(strategy: object, arrays: NamedArrays, scalars: dict[str, Any]) -> None:
@@ -155,7 +157,11 @@ def array_differences(saved: NamedArrays, model: NamedArrays) -> list[str]:
     """Names and shapes of checkpoint arrays that do not fit the scenario's model."""
     out = [f"{k}: missing from the checkpoint" for k in model if k not in saved]
     out += [f"{k}: not in the scenario's model" for k in saved if k not in model]
-    out += [f"{k}: shape {_shape(saved[k])} -> {_shape(model[k])}" for k in model if k in saved and _shape(saved[k]) != _shape(model[k])]
+    out += [
+        f"{k}: shape {_shape(saved[k])} -> {_shape(model[k])}"
+        for k in model
+        if k in saved and _shape(saved[k]) != _shape(model[k])
+    ]
     return out
 
 
@@ -187,7 +193,9 @@ def save_checkpoint(root: Path, ckpt: Checkpoint) -> None:
     save_arrays(tmp / "global.safetensors", ckpt.arrays)
     save_arrays(tmp / "strategy.safetensors", ckpt.strategy_arrays)
     atomic_write_bytes(tmp / "meta.json", json.dumps({"round": ckpt.round, **ckpt.meta}).encode())
-    files: dict[str, dict[str, Any]] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+    files: dict[str, dict[str, Any]] = {
+        name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES
+    }
     files["global.safetensors"]["arrays"] = _array_index(ckpt.arrays)
     files["strategy.safetensors"]["arrays"] = _array_index(ckpt.strategy_arrays)
     # last: its presence says every file above is complete
@@ -234,7 +242,9 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     """Load one checkpoint folder, verifying it against its manifest (CheckpointDamaged if not)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        raise CheckpointDamaged(f"{manifest_path}: missing (checkpoint incomplete, or written before fedsim kept manifests)")
+        raise CheckpointDamaged(
+            f"{manifest_path}: missing (checkpoint incomplete, or written before fedsim kept manifests)"
+        )
     manifest = _read_json(manifest_path, "manifest")
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != set(FILES):
@@ -243,7 +253,11 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         path = folder / name
         if not path.is_file():
             raise CheckpointDamaged(f"{path}: missing")
-        if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
+        if (
+            not isinstance(entry, dict)
+            or path.stat().st_size != entry.get("bytes")
+            or _sha256(path) != entry.get("sha256")
+        ):
             raise CheckpointDamaged(f"{path}: size or sha256 differs from {MANIFEST} (file damaged)")
     loaded = {}
     for name in ("global.safetensors", "strategy.safetensors"):

@@ -59,7 +59,9 @@ class ClientRuntime:
         self.data = ClientDataCache(scenario.data, scenario.seed)
         ds = self.data.dataset
         m = scenario.model
-        self.model: nn.Module = build_model(m.name, ds.num_classes, ds.channels, ds.image_size, m.normalization, m.args, seed=scenario.seed).to(self.device)
+        self.model: nn.Module = build_model(
+            m.name, ds.num_classes, ds.channels, ds.image_size, m.normalization, m.args, seed=scenario.seed
+        ).to(self.device)
         # Reset to this before loading a message, so no state leaks between clients that
         # share this process (e.g. FedBN's local BN of the previous client).
         self.initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -115,7 +117,9 @@ class ClientRuntime:
         self._reset()
         hooks.load(self.model, received, state)
         data = self.data.client(cid)
-        loss_sum, correct, seen, steps = self._fit(hooks, data.x_train, data.y_train, client_seed(self.scenario.seed, server_round, cid))
+        loss_sum, correct, seen, steps = self._fit(
+            hooks, data.x_train, data.y_train, client_seed(self.scenario.seed, server_round, cid)
+        )
         reply = hooks.reply(self.model, received, state)
         if spoil == "nan":
             reply = {k: np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v for k, v in reply.items()}

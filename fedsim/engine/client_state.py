@@ -25,7 +25,14 @@ _VERSION = re.compile(r"^(?P<item>[A-Za-z0-9_\-]+)\.r(?P<round>\d+)\.safetensors
 class ClientState:
     """Read the state a client had before ``server_round``; stage and commit new state."""
 
-    def __init__(self, root: Path | None, client_id: int, server_round: int, context: Context | None = None, inclusive: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path | None,
+        client_id: int,
+        server_round: int,
+        context: Context | None = None,
+        inclusive: bool = False,
+    ) -> None:
         self.folder = None if root is None else Path(root) / "clients" / str(client_id)
         self.server_round = server_round
         self.context = context

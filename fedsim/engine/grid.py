@@ -53,7 +53,9 @@ class InlineGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -146,7 +148,10 @@ class PartitionGrid(Grid):
             nodes = sorted(self.inner.get_node_ids())
             deadline = time.time() + wait_s  # for all the answers, as one query round had
             for i in range(0, len(nodes), DISCOVER_CHUNK):
-                msgs = [Message(RecordDict({"config": ConfigRecord(dict(config or {}))}), dst_node_id=n, message_type=HELLO) for n in nodes[i : i + DISCOVER_CHUNK]]
+                msgs = [
+                    Message(RecordDict({"config": ConfigRecord(dict(config or {}))}), dst_node_id=n, message_type=HELLO)
+                    for n in nodes[i : i + DISCOVER_CHUNK]
+                ]
                 for reply in self.inner.send_and_receive(msgs, timeout=max(1.0, deadline - time.time())):
                     if reply.has_error():
                         raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
@@ -165,7 +170,9 @@ class PartitionGrid(Grid):
     def run(self) -> Run:
         return self.inner.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -196,7 +203,9 @@ class PartitionGrid(Grid):
         out = []
         for reply in replies:
             # Metadata has no public setter for the source; strategies must see partition ids.
-            reply.metadata.__dict__["_src_node_id"] = self._to_partition.get(reply.metadata.src_node_id, reply.metadata.src_node_id)
+            reply.metadata.__dict__["_src_node_id"] = self._to_partition.get(
+                reply.metadata.src_node_id, reply.metadata.src_node_id
+            )
             if reply.has_content():
                 payload, wire = _content_bytes(reply.content)
                 self.traffic.up += payload
@@ -232,7 +241,9 @@ class StoppableGrid(Grid):
     def run(self) -> Run:
         return self.inner.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:

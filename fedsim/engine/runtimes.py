@@ -29,7 +29,10 @@ def run_inline(experiment: FederatedRun) -> None:
     n = experiment.num_clients
     client_app = make_client_app(sc, str(experiment.run.path))
     # Node ids are arbitrary (as in Flower): strategies only ever see partition ids.
-    contexts = {1000 + i: Context(run_id=1, node_id=1000 + i, node_config=node_config(i, n), state=RecordDict(), run_config={}) for i in range(n)}
+    contexts = {
+        1000 + i: Context(run_id=1, node_id=1000 + i, node_config=node_config(i, n), state=RecordDict(), run_config={})
+        for i in range(n)
+    }
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
     grid = InlineGrid(client_app, contexts, timeout_s=sc.faults.client_timeout_s)
     experiment.drive(grid)

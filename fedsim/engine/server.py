@@ -73,7 +73,9 @@ def _signature(msg: Message) -> tuple:
     return tuple((k, tuple(v.shape)) for k, v in arrays.items())
 
 
-def screen_replies(targets: list[int], replies: list[Message], check_shapes: bool = True) -> tuple[list[Message], list[dict[str, Any]]]:
+def screen_replies(
+    targets: list[int], replies: list[Message], check_shapes: bool = True
+) -> tuple[list[Message], list[dict[str, Any]]]:
     """Keep well-formed replies; every other targeted client becomes a logged failure.
     Replies whose array names/shapes differ from the majority are malformed unless the
     strategy sets ``validate_shapes = False`` (payloads whose shapes vary by client)."""
@@ -100,7 +102,9 @@ def screen_replies(targets: list[int], replies: list[Message], check_shapes: boo
             if _signature(r) == common:
                 good.append(r)
             else:
-                failures.append({"client": int(r.metadata.src_node_id), "reason": "arrays of unexpected names or shapes"})
+                failures.append(
+                    {"client": int(r.metadata.src_node_id), "reason": "arrays of unexpected names or shapes"}
+                )
         candidates = good
     failures.sort(key=lambda f: f["client"])
     return candidates, failures
@@ -129,7 +133,14 @@ class Totals:
     def from_json(cls, d: dict[str, Any]) -> Totals:
         """ValueError (naming the key) unless ``d`` is what :meth:`to_json` wrote."""
         try:
-            totals = cls(int(d["bytes_up"]), int(d["bytes_down"]), int(d["bytes_down_eval"]), Traffic(**d["pending"]), list(d["pending_failures"]), float(d["pending_wall_s"]))
+            totals = cls(
+                int(d["bytes_up"]),
+                int(d["bytes_down"]),
+                int(d["bytes_down_eval"]),
+                Traffic(**d["pending"]),
+                list(d["pending_failures"]),
+                float(d["pending_wall_s"]),
+            )
         except KeyError as exc:
             raise ValueError(f"totals: key {exc} missing") from None
         except TypeError as exc:
@@ -188,10 +199,14 @@ class FederatedRun:
             diffs = fingerprint_differences(saved, current)
             if diffs:
                 more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-                raise ResumeRefused(f"{self.run.scenario_file}: differs from the scenario of checkpoint round {item.round}: {'; '.join(diffs[:3])}{more}; resume refused (restore it, or start a new run)")
+                raise ResumeRefused(
+                    f"{self.run.scenario_file}: differs from the scenario of checkpoint round {item.round}: {'; '.join(diffs[:3])}{more}; resume refused (restore it, or start a new run)"
+                )
             diffs = array_differences(item.arrays, model)
             if diffs:
-                raise ResumeRefused(f"{where}/global.safetensors: arrays do not fit the scenario's model: {'; '.join(diffs[:3])}; resume refused")
+                raise ResumeRefused(
+                    f"{where}/global.safetensors: arrays do not fit the scenario's model: {'; '.join(diffs[:3])}; resume refused"
+                )
             try:
                 Totals.from_json(item.meta["totals"])
                 load_strategy_state(self.make_strategy(), item.strategy_arrays, item.meta["strategy"])
@@ -201,7 +216,10 @@ class FederatedRun:
             self.warnings = [f"skipped damaged checkpoint: {d}" for d in damaged]
             return item
         if damaged:
-            raise ResumeRefused(f"no intact checkpoint to resume from: {damaged[0]}" + (f" (and {len(damaged) - 1} more damaged)" if len(damaged) > 1 else ""))
+            raise ResumeRefused(
+                f"no intact checkpoint to resume from: {damaged[0]}"
+                + (f" (and {len(damaged) - 1} more damaged)" if len(damaged) > 1 else "")
+            )
         return None
 
     def server_app(self) -> ServerApp:
@@ -250,7 +268,9 @@ class FederatedRun:
                 eval_metrics = self._evaluate_round(strategy, pgrid, rnd, arrays, client_cfg)
                 totals.bytes_down_eval += pgrid.take_traffic().down
                 if eval_metrics.get("loss") is not None and not math.isfinite(eval_metrics["loss"]):
-                    raise RunFailure(f"round {rnd}: test loss is {eval_metrics['loss']} (diverged); last good checkpoint: round {last_good} in {self.run.checkpoints}")
+                    raise RunFailure(
+                        f"round {rnd}: test loss is {eval_metrics['loss']} (diverged); last good checkpoint: round {last_good} in {self.run.checkpoints}"
+                    )
             totals.pending_wall_s += time.perf_counter() - t0
             if evaluate:
                 self._record(rnd, totals, train_metrics, eval_metrics)
@@ -259,7 +279,9 @@ class FederatedRun:
             save_checkpoint(self.run.checkpoints, Checkpoint(rnd, record_to_numpy(arrays), state_arrays, meta))
             last_good = rnd
 
-    def _train_round(self, strategy: Strategy, grid: PartitionGrid, rnd: int, arrays: ArrayRecord, client_cfg: dict[str, Any]) -> tuple[ArrayRecord, dict[str, Any], list[dict[str, Any]]]:
+    def _train_round(
+        self, strategy: Strategy, grid: PartitionGrid, rnd: int, arrays: ArrayRecord, client_cfg: dict[str, Any]
+    ) -> tuple[ArrayRecord, dict[str, Any], list[dict[str, Any]]]:
         sc = self.scenario
         all_failures: list[dict[str, Any]] = []
         for attempt in range(sc.faults.max_round_retries + 1):
@@ -277,12 +299,18 @@ class FederatedRun:
                 break
         else:
             if failures and all(f["reason"].startswith("non-finite") for f in failures):
-                raise RunFailure(f"round {rnd}: every client update is NaN/Inf (training diverged; try a lower client.lr); last good checkpoint: round {rnd - 1} in {self.run.checkpoints}")
-            raise RunFailure(f"round {rnd}: only {len(good)} of {len(sent)} clients succeeded after {sc.faults.max_round_retries + 1} attempts (faults.min_success_fraction={sc.faults.min_success_fraction}); run stopped, earlier rounds are kept in {self.run.path}")
+                raise RunFailure(
+                    f"round {rnd}: every client update is NaN/Inf (training diverged; try a lower client.lr); last good checkpoint: round {rnd - 1} in {self.run.checkpoints}"
+                )
+            raise RunFailure(
+                f"round {rnd}: only {len(good)} of {len(sent)} clients succeeded after {sc.faults.max_round_retries + 1} attempts (faults.min_success_fraction={sc.faults.min_success_fraction}); run stopped, earlier rounds are kept in {self.run.path}"
+            )
         new_arrays, metrics = strategy.aggregate_train(rnd, good)
         if new_arrays is not None:
             if not all_finite(record_to_numpy(new_arrays)):
-                raise RunFailure(f"round {rnd}: aggregated model has NaN/Inf (diverged); last good checkpoint: round {rnd - 1} in {self.run.checkpoints}")
+                raise RunFailure(
+                    f"round {rnd}: aggregated model has NaN/Inf (diverged); last good checkpoint: round {rnd - 1} in {self.run.checkpoints}"
+                )
             arrays = new_arrays
         train_metrics = dict(metrics) if metrics is not None else {}
         train_metrics["num_sampled"] = len(sent)
@@ -292,10 +320,14 @@ class FederatedRun:
             w = [float(r.content["metrics"]["num-examples"]) for r in good if "train_loss" in r.content["metrics"]]
             train_metrics["train_loss"] = float(np.average(train_loss, weights=w))
             if not math.isfinite(train_metrics["train_loss"]):
-                raise RunFailure(f"round {rnd}: training loss is NaN (diverged); last good checkpoint: round {rnd - 1} in {self.run.checkpoints}")
+                raise RunFailure(
+                    f"round {rnd}: training loss is NaN (diverged); last good checkpoint: round {rnd - 1} in {self.run.checkpoints}"
+                )
         return arrays, train_metrics, all_failures
 
-    def _evaluate_round(self, strategy: Strategy, grid: PartitionGrid, rnd: int, arrays: ArrayRecord, client_cfg: dict[str, Any]) -> dict[str, Any]:
+    def _evaluate_round(
+        self, strategy: Strategy, grid: PartitionGrid, rnd: int, arrays: ArrayRecord, client_cfg: dict[str, Any]
+    ) -> dict[str, Any]:
         seed_round(self.scenario.seed, rnd, "evaluate")
         sent = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(client_cfg)), grid))
         replies = list(grid.send_and_receive(sent))
@@ -317,12 +349,16 @@ class FederatedRun:
         order = list(load_dataset(self.scenario.data).domains)
         per_domain = {d: float(np.mean(domain_acc[d])) for d in order if d in domain_acc}
         return {
-            "accuracy": float(np.mean(list(per_domain.values()))) if per_domain else (float(np.mean(list(per_client.values()))) if per_client else None),
+            "accuracy": float(np.mean(list(per_domain.values())))
+            if per_domain
+            else (float(np.mean(list(per_client.values()))) if per_client else None),
             "per_domain": per_domain,
             "per_client": dict(sorted(per_client.items(), key=lambda kv: int(kv[0]))),
             "client_accuracy_mean": float(np.mean(list(per_client.values()))) if per_client else None,
             "loss": float(np.average(losses, weights=weights)) if losses else None,
-            "eval_failures": [{"client": int(r.metadata.src_node_id), "reason": r.error.reason} for r in replies if r.has_error()],
+            "eval_failures": [
+                {"client": int(r.metadata.src_node_id), "reason": r.error.reason} for r in replies if r.has_error()
+            ],
         }
 
     def _record(self, rnd: int, totals: Totals, train_metrics: dict[str, Any], eval_metrics: dict[str, Any]) -> None:

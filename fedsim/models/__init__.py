@@ -16,7 +16,15 @@ MODELS.register("fedbn-cnn")(DigitsCNN)
 MODELS.register("resnet18")(ResNet18Small)
 
 
-def build_model(name: str, num_classes: int, in_channels: int, image_size: int, normalization: str = "bn", args: dict | None = None, seed: int | None = None) -> nn.Module:
+def build_model(
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    normalization: str = "bn",
+    args: dict | None = None,
+    seed: int | None = None,
+) -> nn.Module:
     """Build a model; ``seed`` makes the initial weights reproducible without touching
     the global RNG of the caller."""
     factory = MODELS.get(name)

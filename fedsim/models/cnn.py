@@ -14,20 +14,34 @@ class DigitsCNN(nn.Module):
     two convs. Input [B, C, H, W] in [0, 1]; output logits [B, num_classes].
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 28, normalization: str = "bn") -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, image_size: int = 28, normalization: str = "bn"
+    ) -> None:
         super().__init__()
         n = normalization
         self.prep = UnitRangeToSigned()
         self.features = nn.Sequential(
-            conv2d(n, in_channels, 64, 5, padding=2), norm2d(n, 64), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            conv2d(n, 64, 64, 5, padding=2), norm2d(n, 64), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            conv2d(n, 64, 128, 5, padding=2), norm2d(n, 128), nn.ReLU(inplace=True),
+            conv2d(n, in_channels, 64, 5, padding=2),
+            norm2d(n, 64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            conv2d(n, 64, 64, 5, padding=2),
+            norm2d(n, 64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            conv2d(n, 64, 128, 5, padding=2),
+            norm2d(n, 128),
+            nn.ReLU(inplace=True),
         )
         side = image_size // 4
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(128 * side * side, 2048), norm1d(n, 2048), nn.ReLU(inplace=True),
-            nn.Linear(2048, 512), norm1d(n, 512), nn.ReLU(inplace=True),
+            nn.Linear(128 * side * side, 2048),
+            norm1d(n, 2048),
+            nn.ReLU(inplace=True),
+            nn.Linear(2048, 512),
+            norm1d(n, 512),
+            nn.ReLU(inplace=True),
             nn.Linear(512, num_classes),
         )
 
@@ -42,19 +56,36 @@ class SmallCNN(nn.Module):
     that it finishes in minutes on two CPU cores. Input [B, C, H, W] in [0, 1].
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 28, normalization: str = "bn", width: int = 32) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 28,
+        normalization: str = "bn",
+        width: int = 32,
+    ) -> None:
         super().__init__()
         n, w = normalization, width
         self.prep = UnitRangeToSigned()
         self.features = nn.Sequential(
-            conv2d(n, in_channels, w, 3, padding=1), norm2d(n, w), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            conv2d(n, w, 2 * w, 3, padding=1), norm2d(n, 2 * w), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            conv2d(n, 2 * w, 2 * w, 3, padding=1), norm2d(n, 2 * w), nn.ReLU(inplace=True),
+            conv2d(n, in_channels, w, 3, padding=1),
+            norm2d(n, w),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            conv2d(n, w, 2 * w, 3, padding=1),
+            norm2d(n, 2 * w),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            conv2d(n, 2 * w, 2 * w, 3, padding=1),
+            norm2d(n, 2 * w),
+            nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(2 * w * 4, 128), norm1d(n, 128), nn.ReLU(inplace=True),
+            nn.Linear(2 * w * 4, 128),
+            norm1d(n, 128),
+            nn.ReLU(inplace=True),
             nn.Linear(128, num_classes),
         )
 

@@ -38,7 +38,9 @@ class ScaledWSConv2d(nn.Conv2d):
         return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def conv2d(normalization: str, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = True) -> nn.Conv2d:
+def conv2d(
+    normalization: str, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = True
+) -> nn.Conv2d:
     """A plain conv, or a scaled WS conv when the model has no normalization (FedWon)."""
     cls = ScaledWSConv2d if normalization == "none" else nn.Conv2d
     return cls(in_ch, out_ch, kernel, stride=stride, padding=padding, bias=bias)

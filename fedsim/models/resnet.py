@@ -14,7 +14,15 @@ def _swap_layers(module: nn.Module, normalization: str) -> None:
         if isinstance(child, nn.BatchNorm2d):
             setattr(module, name, norm2d(normalization, child.num_features))
         elif isinstance(child, nn.Conv2d) and normalization == "none":
-            new = conv2d("none", child.in_channels, child.out_channels, child.kernel_size[0], child.stride[0], child.padding[0], child.bias is not None)
+            new = conv2d(
+                "none",
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size[0],
+                child.stride[0],
+                child.padding[0],
+                child.bias is not None,
+            )
             setattr(module, name, new)
         else:
             _swap_layers(child, normalization)
@@ -23,7 +31,9 @@ def _swap_layers(module: nn.Module, normalization: str) -> None:
 class ResNet18Small(nn.Module):
     """ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 28-64 px images."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, normalization: str = "bn") -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, normalization: str = "bn"
+    ) -> None:
         super().__init__()
         # Imported here: torchvision pulls in torch._dynamo (~1-3 s), which every process
         # importing fedsim.models (each CLI call, each Ray actor) would otherwise pay.

@@ -58,7 +58,9 @@ class TrackingConfig(Section):
     tensorboard: StrictBool = Field(False, description="event files in <run folder>/tensorboard")
     mlflow: MLflowOptions | None = Field(None, description="true or {tracking_uri, experiment}")
     wandb: WandbOptions | None = Field(None, description="true or {project, entity, mode}")
-    per_client: StrictBool = Field(False, description="also one accuracy series per client (many series with many clients)")
+    per_client: StrictBool = Field(
+        False, description="also one accuracy series per client (many series with many clients)"
+    )
 
     @field_validator("mlflow", "wandb", mode="before")
     @classmethod

@@ -54,7 +54,9 @@ def check_tracking(tracking: TrackingConfig, source: str) -> None:
     for name in tracking.enabled:
         module, extra = BACKENDS[name]
         if importlib.util.find_spec(module) is None:
-            raise ScenarioError(f"{short_source(source)}: tracking.{name}: the {module} package is not installed (pip install 'fedsim[{extra}]')")
+            raise ScenarioError(
+                f"{short_source(source)}: tracking.{name}: the {module} package is not installed (pip install 'fedsim[{extra}]')"
+            )
 
 
 # -- what is logged -----------------------------------------------------------------------
@@ -94,7 +96,10 @@ def batch_scalars(row: dict[str, Any]) -> dict[str, float]:
     """The scalars of one ``adaptation.jsonl`` row, by tag
     ``adaptation/<adapter>/edge<e>/seed<s>/<metric>``; the step is ``row["batch"]``."""
     prefix = f"adaptation/{row['adapter']}/edge{row['edge']}/seed{row['seed']}"
-    out: dict[str, Any] = {f"{prefix}/accuracy": row.get("accuracy"), f"{prefix}/cumulative_accuracy": row.get("cumulative_accuracy")}
+    out: dict[str, Any] = {
+        f"{prefix}/accuracy": row.get("accuracy"),
+        f"{prefix}/cumulative_accuracy": row.get("cumulative_accuracy"),
+    }
     out.update({f"{prefix}/{k}": v for k, v in (row.get("metrics") or {}).items()})
     return {k: n for k, v in out.items() if (n := _number(v)) is not None}
 
@@ -350,7 +355,9 @@ class Trackers:
         self.sinks = []
 
 
-def build_trackers(scenario: Scenario, folder: str | Path, *, phase: str = "training", first_step: int | None = None) -> Trackers:
+def build_trackers(
+    scenario: Scenario, folder: str | Path, *, phase: str = "training", first_step: int | None = None
+) -> Trackers:
     """The sinks of ``scenario.tracking`` writing into ``folder``. ``first_step``: the round a
     resumed run continues with (TensorBoard purges the steps from it on); None for a fresh
     run. ``phase="adaptation"``: the per-batch series of the adaptation phase."""
@@ -370,4 +377,14 @@ def build_trackers(scenario: Scenario, folder: str | Path, *, phase: str = "trai
     return Trackers(sinks)
 
 
-__all__ = ["STATE_FILE", "TENSORBOARD_DIR", "Tracker", "Trackers", "batch_scalars", "build_trackers", "check_tracking", "hparams", "round_scalars"]
+__all__ = [
+    "STATE_FILE",
+    "TENSORBOARD_DIR",
+    "Tracker",
+    "Trackers",
+    "batch_scalars",
+    "build_trackers",
+    "check_tracking",
+    "hparams",
+    "round_scalars",
+]

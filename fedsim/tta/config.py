@@ -15,8 +15,21 @@ from pydantic import Field, ValidationInfo, field_validator
 from fedsim.schema import MAX_SEED, Section
 
 CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
 )
 """The corruption names a stream may use (the 15 of CIFAR-10-C; :mod:`fedsim.tta.corruptions`
 implements each, a test keeps the two in step). Named here so the schema imports no image code."""
@@ -26,8 +39,6 @@ CLEAN = "clean"
 
 INJECTED = ("foundation",)
 """Adapter settings fedsim fills in itself (CEMA's cloud model): not allowed in ``args``."""
-
-
 
 
 class AdapterSpec(Section):
@@ -75,7 +86,9 @@ class StreamConfig(Section):
     shifts: list[str] | None = None
     corruptions: list[str] | None = Field(None, validate_default=True)
     severities: list[int] = Field(default_factory=lambda: [5])
-    dirichlet_delta: float | None = Field(None, ge=0, description="label-temporal correlation; null = i.i.d., 0 = sorted by label")
+    dirichlet_delta: float | None = Field(
+        None, ge=0, description="label-temporal correlation; null = i.i.d., 0 = sorted by label"
+    )
     shuffle_slots: bool = True
     batch_size: int = Field(64, ge=1)
     samples_per_shift: int | None = Field(None, ge=1)
@@ -128,7 +141,13 @@ class StreamConfig(Section):
     @field_validator("corruptions")
     @classmethod
     def _corruptions(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        if not _exactly_one(value, info, "shifts", "give stream.corruptions (with severities) or stream.shifts", "give stream.corruptions or stream.shifts, not both"):
+        if not _exactly_one(
+            value,
+            info,
+            "shifts",
+            "give stream.corruptions (with severities) or stream.shifts",
+            "give stream.corruptions or stream.shifts, not both",
+        ):
             return value
         if not value:
             raise ValueError("give at least one corruption")
@@ -196,7 +215,9 @@ class AdaptationConfig(Section):
     adapter: AdapterSpec | None = None
     adapters: list[AdapterSpec] | None = Field(None, validate_default=True)
     stream: StreamConfig
-    edge_streams: dict[int, dict[str, Any]] = Field(default_factory=dict, description="client id -> stream keys that differ for that edge")
+    edge_streams: dict[int, dict[str, Any]] = Field(
+        default_factory=dict, description="client id -> stream keys that differ for that edge"
+    )
     edges: Literal["all"] | list[int] = "all"
     model: Literal["auto", "global", "personalized"] = "auto"
     reset: Literal["auto", "each-shift", "never"] = "auto"
@@ -234,7 +255,9 @@ class AdaptationConfig(Section):
     @field_validator("adapters")
     @classmethod
     def _one_adapter_key(cls, value: list[AdapterSpec] | None, info: ValidationInfo) -> list[AdapterSpec] | None:
-        if not _exactly_one(value, info, "adapter", "give adapter (one) or adapters (a list)", "give adapter or adapters, not both"):
+        if not _exactly_one(
+            value, info, "adapter", "give adapter (one) or adapters (a list)", "give adapter or adapters, not both"
+        ):
             return value
         if not value:
             raise ValueError("give at least one adapter")

@@ -65,7 +65,9 @@ def _load_into(model: nn.Module, arrays: dict[str, np.ndarray], what: str) -> No
     missing = [k for k in sd if k not in arrays]
     unknown = [k for k in arrays if k not in sd]
     if missing or unknown:
-        raise ModelRunError(f"{what}: arrays do not fit the scenario's model (missing {missing[:3]}, unknown {unknown[:3]})")
+        raise ModelRunError(
+            f"{what}: arrays do not fit the scenario's model (missing {missing[:3]}, unknown {unknown[:3]})"
+        )
     with torch.no_grad():
         for k, v in sd.items():
             src = torch.from_numpy(np.ascontiguousarray(arrays[k]))
@@ -125,7 +127,9 @@ def deploy_arrays(
                 for k, v in local.items():
                     src = torch.from_numpy(np.ascontiguousarray(v))
                     if src.numel() != sd[k].numel():
-                        raise ModelRunError(f"{where}: client {client_id} local '{k}' has shape {tuple(src.shape)}, the model {tuple(sd[k].shape)}")
+                        raise ModelRunError(
+                            f"{where}: client {client_id} local '{k}' has shape {tuple(src.shape)}, the model {tuple(sd[k].shape)}"
+                        )
                     sd[k].copy_(src.reshape(sd[k].shape).to(sd[k].dtype))
             info.update(deployed="personalized", local_round=local_round, local_keys=len(local))
     model.eval()
@@ -213,7 +217,9 @@ def foundation_model(
                 total += len(yb)
             losses.append({"epoch": epoch + 1, "loss": loss_sum / total, "train_accuracy": correct / total})
             if log is not None:
-                log(f"foundation {cfg.model}: epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / total:.4f} acc {correct / total:.4f}")
+                log(
+                    f"foundation {cfg.model}: epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / total:.4f} acc {correct / total:.4f}"
+                )
     model.eval().cpu()
     record = {
         "model": cfg.model,

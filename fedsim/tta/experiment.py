@@ -82,7 +82,9 @@ def run_adaptation(
     foundation, foundation_record = None, None
     if needs_foundation(cfg):
         foundation, foundation_record = foundation_model(model_run, cfg.foundation, device, log=say)
-        say(f"foundation {cfg.foundation.model}: {'cached' if foundation_record.get('cached') else 'trained'} ({foundation_record['file']})")
+        say(
+            f"foundation {cfg.foundation.model}: {'cached' if foundation_record.get('cached') else 'trained'} ({foundation_record['file']})"
+        )
 
     deployed: dict[str, Any] = {}
     models: dict[int, torch.nn.Module] = {}
@@ -91,7 +93,9 @@ def run_adaptation(
         info["domain"] = parts[e].domain
         models[e] = model.to(device)
         deployed[str(e)] = info
-    streams_player = player(models, foundation) if player else InProcessPlayer(scenario, cfg, models, foundation, source)
+    streams_player = (
+        player(models, foundation) if player else InProcessPlayer(scenario, cfg, models, foundation, source)
+    )
 
     results: dict[str, dict[int, dict[int, StreamResult]]] = {s.display: {} for s in specs}
     streams: dict[str, dict[str, Any]] = {}
@@ -113,12 +117,20 @@ def run_adaptation(
                 extra = ""
                 if "upload_fraction" in res.metrics:
                     extra = f"  upload {res.metrics['upload_fraction']:.3f}"
-                say(f"{spec.display:>16}  edge {e} ({parts[e].domain})  seed {seed}  online error {1 - res.accuracy:.4f}  {res.summary()['seconds_per_batch'] * 1e3:.1f} ms/batch{extra}")
+                say(
+                    f"{spec.display:>16}  edge {e} ({parts[e].domain})  seed {seed}  online error {1 - res.accuracy:.4f}  {res.summary()['seconds_per_batch'] * 1e3:.1f} ms/batch{extra}"
+                )
 
     # the plot's title: the adaptation and the trained run it deployed (strategy, rounds, seed)
-    deployed_round = "" if model_run.checkpoint.round == scenario.rounds else f", model of round {model_run.checkpoint.round}"
+    deployed_round = (
+        "" if model_run.checkpoint.round == scenario.rounds else f", model of round {model_run.checkpoint.round}"
+    )
     trained = f"{describe(scenario)}{deployed_round}"
-    title = f"{trained}: online accuracy after training" if name == scenario.name else f"{name}: online accuracy, model of {trained}"
+    title = (
+        f"{trained}: online accuracy after training"
+        if name == scenario.name
+        else f"{name}: online accuracy, model of {trained}"
+    )
     summary: dict[str, Any] = {
         "name": name,
         "title": title,

@@ -88,18 +88,29 @@ class StreamPlayer(Protocol):
     """Plays every edge's stream of one seed through each adapter and yields
     ``(spec, edge, result, adapter description)``; ``result.stream`` is the stream record."""
 
-    def play(self, seed: int, edges: list[int], specs: list[AdapterSpec]) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]: ...
+    def play(
+        self, seed: int, edges: list[int], specs: list[AdapterSpec]
+    ) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]: ...
 
 
 class InProcessPlayer:
     """Every edge in this process: its stream is generated once and replayed per adapter."""
 
-    def __init__(self, scenario: Scenario, cfg: AdaptationConfig, models: dict[int, torch.nn.Module], foundation: torch.nn.Module | None, source: str) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        cfg: AdaptationConfig,
+        models: dict[int, torch.nn.Module],
+        foundation: torch.nn.Module | None,
+        source: str,
+    ) -> None:
         self.scenario, self.cfg, self.models, self.foundation, self.source = scenario, cfg, models, foundation, source
         self.ds = load_dataset(scenario.data)
         self.parts = partitions(scenario.data, scenario.seed)
 
-    def play(self, seed: int, edges: list[int], specs: list[AdapterSpec]) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]:
+    def play(
+        self, seed: int, edges: list[int], specs: list[AdapterSpec]
+    ) -> Iterator[tuple[AdapterSpec, int, StreamResult, dict[str, Any]]]:
         for e in edges:
             domain = self.parts[e].domain
             sseed = stream_seed(seed, e)
@@ -110,5 +121,7 @@ class InProcessPlayer:
             record, reset = stream_record(self.cfg, stream, e, domain, seed)
             played = materialize(stream, self.ds.channels, self.ds.image_size)
             for spec in specs:
-                res, description = play_stream(spec, self.models[e], played, reset, record, sseed, self.foundation, self.source)
+                res, description = play_stream(
+                    spec, self.models[e], played, reset, record, sseed, self.foundation, self.source
+                )
                 yield spec, e, res, description

@@ -70,7 +70,9 @@ class StreamResult:
         adapter-metric changes."""
         out: dict[int, dict[str, Any]] = {}
         for b in self.batches:
-            e = out.setdefault(b.segment, {"segment": b.segment, "shift": b.shift, "samples": 0, "correct": 0, "batches": 0})
+            e = out.setdefault(
+                b.segment, {"segment": b.segment, "shift": b.shift, "samples": 0, "correct": 0, "batches": 0}
+            )
             e["samples"] += b.samples
             e["correct"] += b.correct
             e["batches"] += 1
@@ -117,7 +119,9 @@ class StreamResult:
             "accuracy": self.accuracy,
             "error": 1.0 - self.accuracy,
             "mean_shift_error": float(np.mean([s["error"] for s in shifts])) if shifts else 0.0,
-            "per_shift": [{k: s[k] for k in ("segment", "shift", "samples", "accuracy", "error", "metrics")} for s in shifts],
+            "per_shift": [
+                {k: s[k] for k in ("segment", "shift", "samples", "accuracy", "error", "metrics")} for s in shifts
+            ],
             "seconds_per_batch": float(np.mean(seconds)) if seconds else 0.0,
             "seconds_total": float(np.sum(seconds)),
             "metrics": dict(self.metrics),
@@ -132,7 +136,9 @@ def _segment_of(batch: StreamBatch, previous: StreamBatch | None, current: int) 
     return current if previous is None or previous.shift == batch.shift else current + 1
 
 
-def run_stream(adapter: Adapter, stream: Iterable[StreamBatch], reset_on_new_shift: bool, record_metrics: bool = False) -> StreamResult:
+def run_stream(
+    adapter: Adapter, stream: Iterable[StreamBatch], reset_on_new_shift: bool, record_metrics: bool = False
+) -> StreamResult:
     """Play ``stream`` through ``adapter`` online.
 
     For each batch the adapter gets ``batch.x`` only and returns logits made before it adapts
@@ -142,7 +148,9 @@ def run_stream(adapter: Adapter, stream: Iterable[StreamBatch], reset_on_new_shi
     the result. ``record_metrics`` keeps the adapter's (cumulative) metrics after every
     batch in ``BatchRecord.metrics``.
     """
-    result = StreamResult(adapter=getattr(adapter, "name", type(adapter).__name__), reset_on_new_shift=reset_on_new_shift)
+    result = StreamResult(
+        adapter=getattr(adapter, "name", type(adapter).__name__), reset_on_new_shift=reset_on_new_shift
+    )
     record = getattr(stream, "record", None)
     if callable(record):
         result.stream = record()
@@ -172,7 +180,12 @@ def run_stream(adapter: Adapter, stream: Iterable[StreamBatch], reset_on_new_shi
             raise ValueError(f"adapter returned {tuple(logits.shape)} logits for {tuple(y.shape)} labels")
         result.batches.append(
             BatchRecord(
-                batch.index, seg, batch.shift, int(y.numel()), int((pred == y).sum()), seconds,
+                batch.index,
+                seg,
+                batch.shift,
+                int(y.numel()),
+                int((pred == y).sum()),
+                seconds,
                 dict(adapter.metrics()) if record_metrics else None,
             )
         )
@@ -211,9 +224,15 @@ def _plot_on_axis(ax: Any, results: list[StreamResult], title: str | None = None
         style, marker = _STYLES[k % len(_STYLES)], _MARKERS[k % len(_MARKERS)]
         x = np.concatenate([[0], seen])
         (line,) = ax.plot(
-            seen, acc, linestyle=style, linewidth=1.8, marker=marker, markersize=4,
+            seen,
+            acc,
+            linestyle=style,
+            linewidth=1.8,
+            marker=marker,
+            markersize=4,
             markevery=max(1, len(seen) // 8) if len(seen) > 1 else None,
-            label=f"{res.adapter}: {res.accuracy:.3f}", zorder=3 + k,  # dashed curves on top of solid ones
+            label=f"{res.adapter}: {res.accuracy:.3f}",
+            zorder=3 + k,  # dashed curves on top of solid ones
         )
         for seg in res.per_shift():
             members = [i for i, b in enumerate(res.batches) if b.segment == seg["segment"]]
@@ -224,13 +243,28 @@ def _plot_on_axis(ax: Any, results: list[StreamResult], title: str | None = None
         x = np.concatenate([[0], np.cumsum([b.samples for b in first.batches])])
         for i in _shift_starts(first):
             ax.axvline(x[i], color="0.3", linestyle=(0, (2, 2)), linewidth=0.7)
-            ax.text(x[i], 0.98, f" {first.batches[i].shift}", fontsize=7, transform=ax.get_xaxis_transform(), ha="left", va="top",
-                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})
+            ax.text(
+                x[i],
+                0.98,
+                f" {first.batches[i].shift}",
+                fontsize=7,
+                transform=ax.get_xaxis_transform(),
+                ha="left",
+                va="top",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1},
+            )
     ax.set_xlabel("samples seen")
     ax.set_ylabel("online accuracy")
     ax.set_ylim(0, 1.08)
     ax.grid(alpha=0.25)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="running accuracy (final)", title_fontsize=8, frameon=False)
+    ax.legend(
+        loc="center left",
+        bbox_to_anchor=(1.01, 0.5),
+        fontsize=8,
+        title="running accuracy (final)",
+        title_fontsize=8,
+        frameon=False,
+    )
     if title:
         ax.set_title(title, fontsize=9, loc="left")
 

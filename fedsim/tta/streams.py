@@ -43,7 +43,6 @@ PROTOCOLS: tuple[str, ...] = ("reset-each-shift", "continual", "gradual", "mixed
 GRADUAL_SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 
 
-
 @dataclass
 class StreamBatch:
     """One batch of a test stream.
@@ -293,8 +292,10 @@ def build_stream(
         if len(imgs) != len(labs):
             raise ValueError(f"shift '{shift.name}': {len(imgs)} images but {len(labs)} labels")
         n = len(labs)
-        take = np.arange(n) if samples_per_shift is None or samples_per_shift >= n else np.sort(
-            sel_rng.choice(n, size=samples_per_shift, replace=False)
+        take = (
+            np.arange(n)
+            if samples_per_shift is None or samples_per_shift >= n
+            else np.sort(sel_rng.choice(n, size=samples_per_shift, replace=False))
         )
         generate = shift.corruption is not None and corrupted_source is None
         sources.append(_Source(shift, imgs, labs, generate))
@@ -306,17 +307,27 @@ def build_stream(
     segments: list[_Segment] = []
     if protocol == "mixed":
         pooled, pooled_labels = np.concatenate(members), np.concatenate(all_labels)
-        segments.append(_Segment("mixed", pooled[dirichlet_order(pooled_labels, k, dirichlet_delta, order_rng, shuffle_slots)]))
+        segments.append(
+            _Segment("mixed", pooled[dirichlet_order(pooled_labels, k, dirichlet_delta, order_rng, shuffle_slots)])
+        )
     else:
         for shift, mem, lab in zip(parsed, members, all_labels):
-            segments.append(_Segment(shift.name, mem[dirichlet_order(lab, k, dirichlet_delta, order_rng, shuffle_slots)]))
-    info = {"shifts": [s.name for s in parsed], "num_classes": k, "samples_per_shift": samples_per_shift,
-            "shuffle_slots": shuffle_slots,
-            "source": "corrupted_source" if corrupted_source is not None else "generated"}
+            segments.append(
+                _Segment(shift.name, mem[dirichlet_order(lab, k, dirichlet_delta, order_rng, shuffle_slots)])
+            )
+    info = {
+        "shifts": [s.name for s in parsed],
+        "num_classes": k,
+        "samples_per_shift": samples_per_shift,
+        "shuffle_slots": shuffle_slots,
+        "source": "corrupted_source" if corrupted_source is not None else "generated",
+    }
     return TestStream(protocol, batch_size, seed, dirichlet_delta, quantize, sources, segments, info)
 
 
-def domain_sets(dataset: MultiDomainDataset, names: Sequence[str] | None = None) -> dict[str, tuple[ImageArray, np.ndarray]]:
+def domain_sets(
+    dataset: MultiDomainDataset, names: Sequence[str] | None = None
+) -> dict[str, tuple[ImageArray, np.ndarray]]:
     """The test sets ``(x_test, y_test)`` of a dataset's domains (all, or ``names``), for ``domains=``."""
     chosen = list(dataset.domains) if names is None else list(names)
     missing = [n for n in chosen if n not in dataset.domains]
@@ -346,7 +357,9 @@ def reset_on_new_shift(cfg: AdaptationConfig, stream: TestStream) -> bool:
     return cfg.reset == "each-shift"
 
 
-def stream_record(cfg: AdaptationConfig, stream: TestStream, edge: int, domain: str, seed: int) -> tuple[dict[str, Any], bool]:
+def stream_record(
+    cfg: AdaptationConfig, stream: TestStream, edge: int, domain: str, seed: int
+) -> tuple[dict[str, Any], bool]:
     """The stream's record as results keep it, and whether the adapter resets between shifts."""
     reset = reset_on_new_shift(cfg, stream)
     record = stream.record()

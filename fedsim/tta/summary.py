@@ -74,7 +74,6 @@ def summarize_results(results: dict[str, dict[int, dict[int, StreamResult]]], cf
     return out
 
 
-
 def print_table(console: Any, summary: dict[str, Any], title: str | None = None) -> None:
     """A rich table: per adapter the online error per edge, the mean (+- sd over seeds),
     ms per batch, and CEMA's upload fraction and megabytes each way."""
@@ -92,9 +91,23 @@ def print_table(console: Any, summary: dict[str, Any], title: str | None = None)
         for col in ("upload", "MB up", "MB down"):
             table.add_column(col, justify="right")
     for label, r in results.items():
-        row = [label, *[f"{r['per_edge'][e]['error']:.4f}" for e in edges], f"[b]{r['error']:.4f}[/b]", f"{r['error_std_over_seeds']:.4f}", f"{r['seconds_per_batch'] * 1e3:.1f}"]
+        row = [
+            label,
+            *[f"{r['per_edge'][e]['error']:.4f}" for e in edges],
+            f"[b]{r['error']:.4f}[/b]",
+            f"{r['error_std_over_seeds']:.4f}",
+            f"{r['seconds_per_batch'] * 1e3:.1f}",
+        ]
         if comm:
             c = r.get("communication")
-            row += [f"{c['upload_fraction']:.3f}", f"{c['bytes_up_total'] / 1e6:.2f}", f"{c['bytes_down_total'] / 1e6:.3f}"] if c else ["-", "-", "-"]
+            row += (
+                [
+                    f"{c['upload_fraction']:.3f}",
+                    f"{c['bytes_up_total'] / 1e6:.2f}",
+                    f"{c['bytes_down_total'] / 1e6:.3f}",
+                ]
+                if c
+                else ["-", "-", "-"]
+            )
         table.add_row(*row)
     console.print(table)

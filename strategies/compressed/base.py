@@ -137,7 +137,9 @@ def send(x: np.ndarray, compressor: Compressor, rng: np.random.Generator | None)
     return Message(payload, compressor.decode(payload, x.size))
 
 
-def weighted_sum(messages: Mapping[int, np.ndarray], n: int, weights: Sequence[float] | np.ndarray | None) -> np.ndarray | None:
+def weighted_sum(
+    messages: Mapping[int, np.ndarray], n: int, weights: Sequence[float] | np.ndarray | None
+) -> np.ndarray | None:
     """``sum_{i in S} w_i m_i`` in float32 over clients in ascending id order (None if empty);
     ``weights`` of shape ``(n,)``, None meaning ``w_i = 1/n`` for the TOTAL ``n``."""
     if n < 1:
@@ -222,11 +224,8 @@ def unflatten(vec: np.ndarray, layout: Layout) -> dict[str, np.ndarray]:
     if vec.shape != (layout.size,):
         raise ValueError(f"vector has shape {vec.shape}, layout expects ({layout.size},)")
     return {
-        e.name: vec[e.offset : e.offset + e.size].reshape(e.shape).astype(np.dtype(e.dtype))
-        for e in layout.entries
+        e.name: vec[e.offset : e.offset + e.size].reshape(e.shape).astype(np.dtype(e.dtype)) for e in layout.entries
     }
-
-
 
 
 def is_dense_key(name: str, floating: bool) -> bool:
@@ -285,7 +284,9 @@ class CompressedClient(ClientHooks, ABC):
     """Names of the per-client vectors the method keeps between rounds (e.g. EF21's ``g``)."""
 
     @abstractmethod
-    def client_step(self, u: np.ndarray, compressor: Compressor, rng: np.random.Generator, init: bool, state: NamedArrays) -> tuple[Message, NamedArrays]:
+    def client_step(
+        self, u: np.ndarray, compressor: Compressor, rng: np.random.Generator, init: bool, state: NamedArrays
+    ) -> tuple[Message, NamedArrays]:
         """One participation: ``(message, new buffers)`` from the update ``u`` (float32 [d]).
 
         ``state``: the buffers the server's aggregate contains (a subset of :attr:`buffers`;
@@ -343,7 +344,9 @@ class CompressedClient(ClientHooks, ABC):
         known = int(self.config["ef.down.known"])
         base = self._have_w().get(known)
         if base is None:
-            raise RuntimeError(f"client state lacks public model version {known} that the server assumes (state versions: {sorted(self._have_w())})")
+            raise RuntimeError(
+                f"client state lacks public model version {known} that the server assumes (state versions: {sorted(self._have_w())})"
+            )
         down = make_compressor(json.loads(str(self.config["ef.downlink"])))
         chain: dict[int, dict[str, np.ndarray]] = {}
         for key, value in received.items():
@@ -543,7 +546,11 @@ class CompressedStrategy(FedAvg, ABC):
         known = int(self._version[cid])
         chain = list(range(known + 1, rnd))
         dense_bytes = 4 * self._W.size
-        ok = known >= 0 and all(r in self._hist for r in chain) and sum(payload_nbytes(self._hist[r]) for r in chain) < dense_bytes
+        ok = (
+            known >= 0
+            and all(r in self._hist for r in chain)
+            and sum(payload_nbytes(self._hist[r]) for r in chain) < dense_bytes
+        )
         if not ok:
             return arrays, True, known
         out: NamedArrays = {f"{DOWN}{r}/{k}": v for r in chain for k, v in self._hist[r].items()}
@@ -552,7 +559,9 @@ class CompressedStrategy(FedAvg, ABC):
         return numpy_to_record(out), False, known
 
     # -- Flower Strategy API --------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[FlowerMessage]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[FlowerMessage]:
         if self.fraction_train == 0.0:
             return []
         # One vectorised check per round: sorting 100,000 Python ints every round was a
@@ -574,7 +583,16 @@ class CompressedStrategy(FedAvg, ABC):
         messages = []
         for cid in sorted(int(i) for i in node_ids):
             cfg: dict[str, Any] = dict(config)
-            cfg.update({"server-round": server_round, "ef.train": True, "ef.round": server_round, "ef.client": cid, "ef.ack": int(self._accepted[cid]), "ef.init": self._init_round})
+            cfg.update(
+                {
+                    "server-round": server_round,
+                    "ef.train": True,
+                    "ef.round": server_round,
+                    "ef.client": cid,
+                    "ef.ack": int(self._accepted[cid]),
+                    "ef.init": self._init_round,
+                }
+            )
             cfg.update(self.client_settings(cid))
             record = arrays
             if self.compress_down:
@@ -587,7 +605,9 @@ class CompressedStrategy(FedAvg, ABC):
             messages.append(FlowerMessage(content=content, message_type=MessageType.TRAIN, dst_node_id=cid))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[FlowerMessage]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[FlowerMessage]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._W is not None and self._x is not None and self._layout is not None
         d = self._W.size
         decoder = Identity() if self._init_round else self.up
@@ -675,7 +695,9 @@ class CompressedStrategy(FedAvg, ABC):
         if scalars.get("method", self.method) != self.method:
             raise ValueError(f"checkpoint is of strategy method {scalars.get('method')!r}, not {self.method!r}")
         self._n = int(scalars.get("n", 0))
-        self._srv = {k[len("srv/") :]: np.asarray(v, dtype=np.float32).copy() for k, v in arrays.items() if k.startswith("srv/")}
+        self._srv = {
+            k[len("srv/") :]: np.asarray(v, dtype=np.float32).copy() for k, v in arrays.items() if k.startswith("srv/")
+        }
         self._accepted = np.asarray(arrays.get("accepted", np.zeros(self._n)), dtype=np.int64).copy()
         self._version = np.asarray(arrays.get("version", np.full(self._n, -1)), dtype=np.int64).copy()
         self._x = np.asarray(arrays["x"], dtype=np.float32).copy() if "x" in arrays else None

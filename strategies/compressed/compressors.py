@@ -137,11 +137,7 @@ def _check_fraction_count(cls: str, fraction: float | None, count: int | None) -
         or not 0.0 < float(fraction) <= 1.0
     ):
         raise ValueError(f"{cls}: fraction must be a number in (0, 1], got {fraction!r}")
-    if count is not None and (
-        isinstance(count, bool)
-        or not isinstance(count, (int, np.integer))
-        or count < 1
-    ):
+    if count is not None and (isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1):
         raise ValueError(f"{cls}: count must be an integer >= 1, got {count!r}")
 
 
@@ -298,7 +294,9 @@ class TopK(Compressor):
     @classmethod
     def parse_args(cls, args: list[str]) -> dict[str, Any]:
         if len(args) != 1:
-            raise ValueError(f"compressor spec '{':'.join([cls.name, *args])}': expected 'topk:FRACTION' or 'topk:COUNT'")
+            raise ValueError(
+                f"compressor spec '{':'.join([cls.name, *args])}': expected 'topk:FRACTION' or 'topk:COUNT'"
+            )
         return _parse_k(cls.name, args[0])
 
     def k(self, d: int) -> int:
@@ -355,9 +353,7 @@ class RandK(Compressor):
     spec_keys = ("fraction", "count", "unbiased")
     randomized = True
 
-    def __init__(
-        self, fraction: float | None = None, count: int | None = None, unbiased: bool = False
-    ) -> None:
+    def __init__(self, fraction: float | None = None, count: int | None = None, unbiased: bool = False) -> None:
         _check_fraction_count("RandK", fraction, count)
         if not isinstance(unbiased, (bool, np.bool_)):
             raise ValueError(f"compressor 'randk': unbiased must be true/false, got {unbiased!r}")
@@ -370,7 +366,9 @@ class RandK(Compressor):
     def parse_args(cls, args: list[str]) -> dict[str, Any]:
         bad_flag = len(args) == 2 and args[1].lower() not in ("unbiased", "biased")
         if len(args) not in (1, 2) or bad_flag:
-            raise ValueError(f"compressor spec '{':'.join([cls.name, *args])}': expected 'randk:FRACTION|COUNT[:unbiased]'")
+            raise ValueError(
+                f"compressor spec '{':'.join([cls.name, *args])}': expected 'randk:FRACTION|COUNT[:unbiased]'"
+            )
         out = _parse_k(cls.name, args[0])
         out["unbiased"] = len(args) == 2 and args[1].lower() == "unbiased"
         return out
@@ -544,8 +542,6 @@ class ScaledSign(Compressor):
 
     def delta(self, d: int) -> float:
         return 1.0 / d
-
-
 
 
 # --------------------------------------------------------------------------------------------

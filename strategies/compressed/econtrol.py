@@ -174,9 +174,7 @@ def econtrol_client_step(
     return msg, EControlClientState(e_new, h_new)
 
 
-def econtrol_server_step(
-    state: EControlServerState, deltas: Mapping[int, np.ndarray], n: int
-) -> EControlServerState:
+def econtrol_server_step(state: EControlServerState, deltas: Mapping[int, np.ndarray], n: int) -> EControlServerState:
     """EControl server aggregate: ``h+ = h + (1/n) sum_{i in S} Delta_i`` (keeps ``h = mean h_i``).
 
     ``n`` is the TOTAL number of clients.  Then call :func:`fedsim.strategies.compressed.base.model_step` ``(x, h, gamma)``.
@@ -198,7 +196,9 @@ class EControlClient(CompressedClient):
 
     buffers = ("e", "h")
 
-    def client_step(self, u: np.ndarray, compressor: Compressor, rng: np.random.Generator, init: bool, state: NamedArrays) -> tuple[Message, NamedArrays]:
+    def client_step(
+        self, u: np.ndarray, compressor: Compressor, rng: np.random.Generator, init: bool, state: NamedArrays
+    ) -> tuple[Message, NamedArrays]:
         if init:
             msg, s = econtrol_init_client(u, None, rng)
             return msg, s.to_arrays()

@@ -137,9 +137,7 @@ class EF21ServerState:
 # --------------------------------------------------------------------------------------------
 
 
-def ef21_weights(
-    smoothness: Sequence[float] | np.ndarray | None, n: int | None = None
-) -> np.ndarray:
+def ef21_weights(smoothness: Sequence[float] | np.ndarray | None, n: int | None = None) -> np.ndarray:
     """Client weights for weighted EF21: ``w_i = L_i / sum_j L_j`` (float64, sums to 1).
 
     ``smoothness=None`` gives uniform weights ``1/n`` (plain EF21).  All ``L_i`` must be > 0.
@@ -281,7 +279,9 @@ class EF21Client(CompressedClient):
 
     buffers = ("g", "v")
 
-    def client_step(self, u: np.ndarray, compressor: Compressor, rng: np.random.Generator, init: bool, state: NamedArrays) -> tuple[Message, NamedArrays]:
+    def client_step(
+        self, u: np.ndarray, compressor: Compressor, rng: np.random.Generator, init: bool, state: NamedArrays
+    ) -> tuple[Message, NamedArrays]:
         scale = float(self.config.get("ef.scale", 1.0))
         mom = float(self.config.get("ef.momentum", 0.0))
         if init:

@@ -28,9 +28,7 @@ from fedsim.strategies.compressed.compressors import Compressor
 __all__ = ["compressed_client_step", "compressed_server_mean", "CompressedPlainClient", "Compressed"]
 
 
-def compressed_client_step(
-    u: np.ndarray, compressor: Compressor, rng: np.random.Generator | None = None
-) -> Message:
+def compressed_client_step(u: np.ndarray, compressor: Compressor, rng: np.random.Generator | None = None) -> Message:
     """Baseline without error feedback: the client sends ``C(u_i)``."""
     return send(vector(u, "u"), compressor, rng)
 
@@ -63,7 +61,9 @@ class CompressedPlainClient(CompressedClient):
 
     buffers = ()
 
-    def client_step(self, u: np.ndarray, compressor: Compressor, rng: np.random.Generator, init: bool, state: NamedArrays) -> tuple[Message, NamedArrays]:
+    def client_step(
+        self, u: np.ndarray, compressor: Compressor, rng: np.random.Generator, init: bool, state: NamedArrays
+    ) -> tuple[Message, NamedArrays]:
         return compressed_client_step(u, compressor, rng), {}
 
 

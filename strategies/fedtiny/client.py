@@ -64,7 +64,9 @@ class SparseClient(ClientHooks):
         super().__init__(config)
         self.masks: dict[str, torch.Tensor] = {}
         self.np_masks: dict[str, np.ndarray] = {}
-        self.grow_k: dict[str, int] = {str(k): int(v) for k, v in json.loads(str(config.get(GROW_KEY, "") or "{}")).items()}
+        self.grow_k: dict[str, int] = {
+            str(k): int(v) for k, v in json.loads(str(config.get(GROW_KEY, "") or "{}")).items()
+        }
         self.uplink_indices = bool(config.get(UPLINK_IDX_KEY, True))
         self._grad_buf: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._params: dict[str, nn.Parameter] = {}
@@ -216,5 +218,3 @@ class SparseClient(ClientHooks):
                 h.remove()
         metrics = {"num-examples": 1, **{f"pos.{k}": v for k, v in positions.items()}}
         return RecordDict({"arrays": numpy_to_record({}), "metrics": MetricRecord(metrics)})
-
-

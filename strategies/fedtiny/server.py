@@ -165,7 +165,9 @@ class FedTiny(FedAvg):
                 out[key] = k
         return out
 
-    def _task_messages(self, node_ids: list[int], task: str, payload: dict[str, np.ndarray], config: ConfigRecord, server_round: int) -> list[Message]:
+    def _task_messages(
+        self, node_ids: list[int], task: str, payload: dict[str, np.ndarray], config: ConfigRecord, server_round: int
+    ) -> list[Message]:
         cfg = {k: v for k, v in dict(config).items()}
         cfg[TASK_KEY] = task
         cfg["server-round"] = server_round
@@ -178,14 +180,24 @@ class FedTiny(FedAvg):
 
     def _profile(self, grid, node_ids: list[int], config: ConfigRecord, server_round: int) -> None:
         for n in node_ids[:3]:  # one answer is enough; try a few in case one fails
-            replies = self._good(grid.send_and_receive(self._task_messages([n], "fedtiny.profile", {}, config, server_round)))
+            replies = self._good(
+                grid.send_and_receive(self._task_messages([n], "fedtiny.profile", {}, config, server_round))
+            )
             if replies:
                 m = replies[0].content["metrics"]
                 self.positions = {k[len("pos.") :]: int(v) for k, v in m.items() if k.startswith("pos.")}
                 return
         log.warning("FedTiny: no client answered the profile task; FLOPs count 1 output position per weight")
 
-    def select_candidate(self, grid, node_ids: list[int], arrays: dict[str, np.ndarray], cands: list[dict[str, np.ndarray]], config: ConfigRecord, server_round: int) -> tuple[int, dict[str, np.ndarray]]:
+    def select_candidate(
+        self,
+        grid,
+        node_ids: list[int],
+        arrays: dict[str, np.ndarray],
+        cands: list[dict[str, np.ndarray]],
+        config: ConfigRecord,
+        server_round: int,
+    ) -> tuple[int, dict[str, np.ndarray]]:
         """Adaptive BN selection over the candidate masks ``cands``; returns the winner's
         index and its averaged BN statistics."""
         prunable = set(cands[0])
@@ -224,13 +236,18 @@ class FedTiny(FedAvg):
             self.candidate_losses = []
             return 0, {}
         w = np.array([float(r.content["metrics"]["num-examples"]) for r in replies])
-        losses = [float(np.average([float(r.content["metrics"][f"loss.{j}"]) for r in replies], weights=w)) for j in range(len(cands))]
+        losses = [
+            float(np.average([float(r.content["metrics"][f"loss.{j}"]) for r in replies], weights=w))
+            for j in range(len(cands))
+        ]
         self.candidate_losses = losses
         best = int(np.argmin(losses))
         prefix = candidate_prefix(best)
         return best, {k[len(prefix) :]: v for k, v in stats.items() if k.startswith(prefix)}
 
-    def _initialize(self, arrays: dict[str, np.ndarray], grid, node_ids: list[int], config: ConfigRecord, server_round: int) -> dict[str, np.ndarray]:
+    def _initialize(
+        self, arrays: dict[str, np.ndarray], grid, node_ids: list[int], config: ConfigRecord, server_round: int
+    ) -> dict[str, np.ndarray]:
         shapes = prunable_shapes(arrays)
         dens = self.candidate_densities(shapes) if self.bn_selection else [self.base_densities(shapes)]
         cands = [magnitude_masks(arrays, d) for d in dens]
@@ -262,7 +279,9 @@ class FedTiny(FedAvg):
         config[GROW_KEY] = json.dumps(self._grow, sort_keys=True)
         record = numpy_to_record(encode(apply_masks(dense, self.masks), self.masks))
         self._sent = len(node_ids)
-        return self._construct_messages(RecordDict({self.arrayrecord_key: record, self.configrecord_key: config}), node_ids, MessageType.TRAIN)
+        return self._construct_messages(
+            RecordDict({self.arrayrecord_key: record, self.configrecord_key: config}), node_ids, MessageType.TRAIN
+        )
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         if self.masks:
@@ -280,7 +299,9 @@ class FedTiny(FedAvg):
         for wi, r in zip(w, valid):
             payload = record_to_numpy(r.content[self.arrayrecord_key])
             gparts = {k: v for k, v in payload.items() if k.endswith(GVAL) or k.endswith(GIDX)}
-            dense, _ = decode({k: v for k, v in payload.items() if k not in gparts}, self._shapes, masks=self.masks, dtype=np.float64)
+            dense, _ = decode(
+                {k: v for k, v in payload.items() if k not in gparts}, self._shapes, masks=self.masks, dtype=np.float64
+            )
             for k, v in dense.items():
                 acc[k] = acc.get(k, 0.0) + wi * v.astype(np.float64)
             for k in gparts:
@@ -358,4 +379,3 @@ class FedTiny(FedAvg):
             "bytes_down_dense_equiv": float(n_down * dense_bytes),
             "bytes_up_dense_equiv": float(n_up * dense_bytes),
         }
-

@@ -77,7 +77,13 @@ def active_counts(shapes: Mapping[str, tuple[int, ...]], densities: Mapping[str,
     return {k: max(1, min(size[k], c)) for k, c in counts.items()}
 
 
-def jitter_densities(shapes: Mapping[str, tuple[int, ...]], base: Mapping[str, float], density: float, sigma: float, rng: np.random.Generator) -> dict[str, float]:
+def jitter_densities(
+    shapes: Mapping[str, tuple[int, ...]],
+    base: Mapping[str, float],
+    density: float,
+    sigma: float,
+    rng: np.random.Generator,
+) -> dict[str, float]:
     """Random layer-wise densities around ``base`` (log-normal factors), rescaled so the
     parameter-weighted mean is still ``density`` (layers capped at 1)."""
     n = {k: int(np.prod(s)) for k, s in shapes.items()}
@@ -148,7 +154,12 @@ def encode(arrays: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], in
     return out
 
 
-def decode(payload: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], masks: Mapping[str, np.ndarray] | None = None, dtype=np.float32) -> tuple[NamedArrays, dict[str, np.ndarray]]:
+def decode(
+    payload: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    masks: Mapping[str, np.ndarray] | None = None,
+    dtype=np.float32,
+) -> tuple[NamedArrays, dict[str, np.ndarray]]:
     """Inverse of :func:`encode`: dense arrays (zeros outside the mask) and the masks.
     ``masks`` supplies positions when the payload carries values only."""
     dense: NamedArrays = {}
@@ -184,7 +195,9 @@ def is_sparse_payload(payload: Mapping[str, np.ndarray]) -> bool:
 # -- cost accounting ---------------------------------------------------------------------
 
 
-def forward_flops(shapes: Mapping[str, tuple[int, ...]], positions: Mapping[str, int], active: Mapping[str, int] | None = None) -> int:
+def forward_flops(
+    shapes: Mapping[str, tuple[int, ...]], positions: Mapping[str, int], active: Mapping[str, int] | None = None
+) -> int:
     """FLOPs of one forward pass of one sample through the conv / linear layers:
     2 * (active weights) * (output positions) per layer (multiply + add). ``positions``:
     output spatial positions per weight (H_out*W_out for a conv, 1 for a linear layer);
@@ -196,7 +209,9 @@ def forward_flops(shapes: Mapping[str, tuple[int, ...]], positions: Mapping[str,
     return int(total)
 
 
-def model_bytes(arrays: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray] | None = None, indices: bool = True) -> int:
+def model_bytes(
+    arrays: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray] | None = None, indices: bool = True
+) -> int:
     """Memory of the model's tensors: dense, or values + indices of the masked ones."""
     total = 0
     for k, v in arrays.items():
@@ -217,7 +232,23 @@ def cosine_fraction(t: int, t_end: int, alpha: float) -> float:
 
 
 __all__ = [
-    "erk_densities", "uniform_densities", "jitter_densities", "active_counts", "topk_mask", "magnitude_masks",
-    "apply_masks", "overall_density", "encode", "decode", "is_sparse_payload", "forward_flops", "model_bytes",
-    "cosine_fraction", "prunable_shapes", "is_prunable", "index_dtype", "VAL", "IDX",
+    "erk_densities",
+    "uniform_densities",
+    "jitter_densities",
+    "active_counts",
+    "topk_mask",
+    "magnitude_masks",
+    "apply_masks",
+    "overall_density",
+    "encode",
+    "decode",
+    "is_sparse_payload",
+    "forward_flops",
+    "model_bytes",
+    "cosine_fraction",
+    "prunable_shapes",
+    "is_prunable",
+    "index_dtype",
+    "VAL",
+    "IDX",
 ]

@@ -42,7 +42,16 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> type[SplitAdapter]:
 
 def _stream(n: int = 4) -> list[StreamBatch]:
     g = torch.Generator().manual_seed(7)
-    return [StreamBatch(x=torch.rand(12, 3, 16, 16, generator=g), y=torch.randint(0, 10, (12,), generator=g), shift="s", index=i, segment=i // 2) for i in range(n)]
+    return [
+        StreamBatch(
+            x=torch.rand(12, 3, 16, 16, generator=g),
+            y=torch.randint(0, 10, (12,), generator=g),
+            shift="s",
+            index=i,
+            segment=i // 2,
+        )
+        for i in range(n)
+    ]
 
 
 def test_example_in_process_equals_hand_computation(example: type[SplitAdapter]) -> None:
@@ -63,7 +72,12 @@ def test_example_in_process_equals_hand_computation(example: type[SplitAdapter])
     assert all(torch.allclose(a, b) for a, b in zip(norm_affine_parameters(adapter.model), params, strict=True))
     m = adapter.metrics()
     affine = sum(p.numel() for p in params)
-    assert m["upload_fraction"] == 1.0 and m["bytes_up"] == 48 * 3 * 16 * 16 and m["bytes_down"] == 4 * 4 * affine and m["cloud_steps"] == 4
+    assert (
+        m["upload_fraction"] == 1.0
+        and m["bytes_up"] == 48 * 3 * 16 * 16
+        and m["bytes_down"] == 4 * 4 * affine
+        and m["cloud_steps"] == 4
+    )
 
 
 @pytest.mark.parametrize("reset", [False, True])
@@ -72,7 +86,9 @@ def test_example_through_the_edge_protocol_equals_in_process(example: type[Split
     per message restored from its saved state, a boundary before each reset) score what the
     in-process adapter scores, batch by batch, counters included."""
     batches = _stream()
-    in_process = run_stream(build_adapter("my_split:UploadAllTent", small_bn_cnn(), lr=0.05), batches, reset, record_metrics=True)
+    in_process = run_stream(
+        build_adapter("my_split:UploadAllTent", small_bn_cnn(), lr=0.05), batches, reset, record_metrics=True
+    )
 
     settings = {"lr": 0.05}
     cloud = example.make_cloud(small_bn_cnn(), settings)
@@ -87,7 +103,9 @@ def test_example_through_the_edge_protocol_equals_in_process(example: type[Split
             edge.apply(update)
         if reset_next:
             edge.reset()
-        played, uploads, start, boundary = play_edge(edge, batches, start, cloud.upload_budget(), reset, counters, torch.device("cpu"), reset_next)
+        played, uploads, start, boundary = play_edge(
+            edge, batches, start, cloud.upload_budget(), reset, counters, torch.device("cpu"), reset_next
+        )
         buf = io.BytesIO()
         torch.save(edge.state(), buf)
         saved = buf.getvalue()
@@ -101,7 +119,9 @@ def test_example_through_the_edge_protocol_equals_in_process(example: type[Split
         rows.extend(got)
 
     def scores(records: list[BatchRecord]) -> list[tuple]:
-        return [(r.index, r.correct, {k: v for k, v in (r.metrics or {}).items() if "seconds" not in k}) for r in records]
+        return [
+            (r.index, r.correct, {k: v for k, v in (r.metrics or {}).items() if "seconds" not in k}) for r in records
+        ]
 
     assert scores(rows) == scores(in_process.batches)
     assert len(rows) == 4 and rows[-1].metrics["cloud_steps"] == 4

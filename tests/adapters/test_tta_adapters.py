@@ -98,8 +98,14 @@ def test_unmix_init_keeps_source_moments_in_expectation() -> None:
 def test_unmix_mixing_and_update_match_direct_computation() -> None:
     bn = _bn2d(c=3, seed=2)
     k, batch = 4, 3
-    layer = UnMixBatchNorm2d(bn, num_components=k, temperature=0.07, momentum=0.1, max_batch_size=8,
-                             generator=torch.Generator().manual_seed(0))
+    layer = UnMixBatchNorm2d(
+        bn,
+        num_components=k,
+        temperature=0.07,
+        momentum=0.1,
+        max_batch_size=8,
+        generator=torch.Generator().manual_seed(0),
+    )
     comp_mean, comp_var = layer.comp_mean.clone().double(), layer.comp_var.clone().double()
     x = torch.randn(batch, 3, 2, 3, generator=torch.Generator().manual_seed(5)) * 1.5 + 0.3
     y = layer(x).double()
@@ -152,8 +158,12 @@ def test_unmix_paths_match_direct_computation(grad: bool, channels_last: bool) -
     expected = expected * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     m = 1 - 0.9 ** (batch / 8)
-    torch.testing.assert_close(layer.comp_mean.double(), mu_k + m * (p * (mu_b[:, None] - mu_k)).mean(0), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.comp_var.double(), var_k + m * (p * (var_b[:, None] - var_k)).mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layer.comp_mean.double(), mu_k + m * (p * (mu_b[:, None] - mu_k)).mean(0), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        layer.comp_var.double(), var_k + m * (p * (var_b[:, None] - var_k)).mean(0), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", ["unmix_tns", "unmix_tns_tent", "alpha_bn", "tbn", "tent", "source", "cema"])
@@ -185,7 +195,9 @@ def test_tent_predicts_before_adapting() -> None:
     assert torch.allclose(tent.predict_and_adapt(x1), tbn.predict_and_adapt(x1), atol=1e-6)
     assert not torch.allclose(tent.predict_and_adapt(x2), tbn.predict_and_adapt(x2), atol=1e-6)
     changed = {n for n, p in tent.model.named_parameters() if not torch.equal(p, dict(tbn.model.named_parameters())[n])}
-    assert changed and all(isinstance(tent.model.get_submodule(n.rsplit(".", 1)[0]), MixedStatBatchNorm) for n in changed)
+    assert changed and all(
+        isinstance(tent.model.get_submodule(n.rsplit(".", 1)[0]), MixedStatBatchNorm) for n in changed
+    )
     tent.reset()
     assert torch.allclose(tent.predict_and_adapt(x1), tbn.predict_and_adapt(x1), atol=1e-6)
 
@@ -212,7 +224,9 @@ BN1D_AFFINE = {"10.weight", "10.bias"}
         ("unmix_tns_tent", "bn2d", BN2D_AFFINE),
     ],
 )
-def test_tent_scope_decides_which_parameters_are_updated(name: str, norm_layers: str | None, expected: set[str]) -> None:
+def test_tent_scope_decides_which_parameters_are_updated(
+    name: str, norm_layers: str | None, expected: set[str]
+) -> None:
     source = small_bn_cnn()
     kwargs = {} if norm_layers is None else {"norm_layers": norm_layers}
     adapter = build_adapter(name, source, **kwargs)
@@ -292,10 +306,21 @@ def test_adapters_never_see_labels(name: str) -> None:
 
 @pytest.mark.parametrize(
     "a,mm,shape,channels_last",
-    [(0.1, False, (8, 4, 5, 5), False), (0.3, True, (8, 4, 5, 5), False), (1.0, False, (8, 4, 5, 5), False), (0.1, False, (1, 4, 5, 5), False),
-     (0.1, False, (6, 4), False), (0.0, False, (6, 4), False), (0.1, False, (8, 4, 5, 5), True), (0.3, True, (8, 4, 5, 5), True), (0.1, False, (1, 4, 5, 5), True)],
+    [
+        (0.1, False, (8, 4, 5, 5), False),
+        (0.3, True, (8, 4, 5, 5), False),
+        (1.0, False, (8, 4, 5, 5), False),
+        (0.1, False, (1, 4, 5, 5), False),
+        (0.1, False, (6, 4), False),
+        (0.0, False, (6, 4), False),
+        (0.1, False, (8, 4, 5, 5), True),
+        (0.3, True, (8, 4, 5, 5), True),
+        (0.1, False, (1, 4, 5, 5), True),
+    ],
 )
-def test_mixed_stat_bn_fused_path_equals_formula(a: float, mm: bool, shape: tuple[int, ...], channels_last: bool) -> None:
+def test_mixed_stat_bn_fused_path_equals_formula(
+    a: float, mm: bool, shape: tuple[int, ...], channels_last: bool
+) -> None:
     """The fused forward (no autograd: BN's statistics kernel, then F.batch_norm) gives the
     formula's output, also on a channels-last input (the layout of the benchmark's activations)."""
     from fedsim.adapters._norm import MixedStatBatchNorm
@@ -313,7 +338,9 @@ def test_mixed_stat_bn_fused_path_equals_formula(a: float, mm: bool, shape: tupl
         fused = layer(x)
     mu, var = layer.statistics(x)
     view = (1, -1) + (1,) * (x.ndim - 2)
-    expected = (x - mu.view(view)) / torch.sqrt(var.view(view) + layer.eps) * layer.weight.view(view) + layer.bias.view(view)
+    expected = (x - mu.view(view)) / torch.sqrt(var.view(view) + layer.eps) * layer.weight.view(view) + layer.bias.view(
+        view
+    )
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -40,7 +40,9 @@ class OfficialFilters:
     update_model_probs, SimilarityCriterion.filter_out, and CEMA.__init__'s margins
     (``ent_*_margin * math.log(n_class)``)."""
 
-    def __init__(self, ent_high: float, ent_low: float | None, warm_up: int | None, coeff: float, d_margin: float | None) -> None:
+    def __init__(
+        self, ent_high: float, ent_low: float | None, warm_up: int | None, coeff: float, d_margin: float | None
+    ) -> None:
         self.high = ent_high * math.log(C)
         self.low = None if ent_low is None else ent_low * math.log(C)
         self.warm_up_n = 10**12 if warm_up is None else warm_up
@@ -79,13 +81,20 @@ class OfficialFilters:
         return mask
 
 
-def official_distillation(source: torch.Tensor, target: torch.Tensor, e_max: float, alpha: float, beta: float, gamma: float, t: float) -> torch.Tensor:
+def official_distillation(
+    source: torch.Tensor, target: torch.Tensor, e_max: float, alpha: float, beta: float, gamma: float, t: float
+) -> torch.Tensor:
     """codebase/criterion/distillation.py: TTADistillationLoss.forward."""
     ent = official_entropy(source)
     ent_loss = ent.mul(1 / torch.exp(ent.clone().detach() - e_max)).mean()
     ce_ent = official_entropy(target)
     ce_coeff = 1 / torch.exp(ce_ent.clone().detach() - e_max)
-    kl = F.kl_div(F.log_softmax(source / t, dim=-1), F.softmax(target / t, dim=-1), reduction="none", log_target=False).sum(-1) * t**2
+    kl = (
+        F.kl_div(
+            F.log_softmax(source / t, dim=-1), F.softmax(target / t, dim=-1), reduction="none", log_target=False
+        ).sum(-1)
+        * t**2
+    )
     ce = F.cross_entropy(source, torch.argmax(target, dim=-1), reduction="none")
     return alpha * ent_loss + beta * kl.mul(ce_coeff).mean() + gamma * ce.mul(ce_coeff).mean()
 
@@ -114,7 +123,17 @@ def tbr_bn_forward_impl(self: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 def conv_bn_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, C))
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, C),
+    )
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -145,8 +164,20 @@ def _batches(n: int, seed: int, scale: float = 3.0) -> list[torch.Tensor]:
     "ent_low, warm_up, d_margin",
     [(None, None, 0.05), (0.02, None, 0.4), (None, 40, 0.4), (0.05, 24, None)],
 )
-def test_filter_decisions_equal_the_official_code(ent_low: float | None, warm_up: int | None, d_margin: float | None) -> None:
-    ours = CemaEdgeFilter({"upload_all": False, "e0_ratio": 0.4, "e_min_ratio": ent_low, "warmup_samples": warm_up, "lam": 0.6, "redundancy_margin": d_margin, "p_mean_momentum": 0.9})
+def test_filter_decisions_equal_the_official_code(
+    ent_low: float | None, warm_up: int | None, d_margin: float | None
+) -> None:
+    ours = CemaEdgeFilter(
+        {
+            "upload_all": False,
+            "e0_ratio": 0.4,
+            "e_min_ratio": ent_low,
+            "warmup_samples": warm_up,
+            "lam": 0.6,
+            "redundancy_margin": d_margin,
+            "p_mean_momentum": 0.9,
+        }
+    )
     official = OfficialFilters(0.4, ent_low, warm_up, 0.6, d_margin)
     kept = 0
     for logits in _batches(8, seed=1):
@@ -219,9 +250,29 @@ def _cema(**settings: object) -> CEMA:
 def test_official_defaults() -> None:
     cema = _cema()
     s = cema.settings
-    assert (s["normalization"], s["teacher_weights"], s["optimizer"], s["lr_edge"], s["lr_foundation"]) == ("tbr", True, "sgd", 2.5e-3, 2.5e-4)
-    assert (s["e0_ratio"], s["e_min_ratio"], s["warmup_samples"], s["redundancy_margin"], s["cloud_batch"]) == (0.4, None, None, 0.05, 32)
-    assert (s["buffer_size"], s["replay_size"], s["replay_start"], s["extra_replay_size"], s["w_ent"], s["w_kl"], s["w_ce"]) == (10_000, 96, 256, 128, 3.0, 3.0, 1.0)
+    assert (s["normalization"], s["teacher_weights"], s["optimizer"], s["lr_edge"], s["lr_foundation"]) == (
+        "tbr",
+        True,
+        "sgd",
+        2.5e-3,
+        2.5e-4,
+    )
+    assert (s["e0_ratio"], s["e_min_ratio"], s["warmup_samples"], s["redundancy_margin"], s["cloud_batch"]) == (
+        0.4,
+        None,
+        None,
+        0.05,
+        32,
+    )
+    assert (
+        s["buffer_size"],
+        s["replay_size"],
+        s["replay_start"],
+        s["extra_replay_size"],
+        s["w_ent"],
+        s["w_kl"],
+        s["w_ce"],
+    ) == (10_000, 96, 256, 128, 3.0, 3.0, 1.0)
     opt = cema.cloud.opt_student
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
 
@@ -267,11 +318,20 @@ def test_replay_draws_from_a_history_holding_the_new_uploads_and_extra_steps() -
 
 
 def test_former_variant_by_settings() -> None:
-    cema = _cema(normalization="batch", teacher_weights=False, optimizer="adam", lr_edge=1e-3, lr_foundation=1e-3, extra_replay_size=0)
+    cema = _cema(
+        normalization="batch",
+        teacher_weights=False,
+        optimizer="adam",
+        lr_edge=1e-3,
+        lr_foundation=1e-3,
+        extra_replay_size=0,
+    )
     assert isinstance(cema.cloud.opt_student, torch.optim.Adam)
     assert not any(isinstance(m, BatchRenorm) for m in cema.model.modules())
     x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(4))
-    assert torch.allclose(cema.predict_and_adapt(x), build_adapter("tbn", small_bn_cnn()).predict_and_adapt(x), atol=1e-6)
+    assert torch.allclose(
+        cema.predict_and_adapt(x), build_adapter("tbn", small_bn_cnn()).predict_and_adapt(x), atol=1e-6
+    )
     with pytest.raises(ValueError, match="normalization"):
         _cema(normalization="group")
 
@@ -291,4 +351,7 @@ def test_tbr_edge_inference_skips_nothing_that_matters() -> None:
             before = [(m.running_mean.clone(), m.running_var.clone()) for m in renorms]
             assert torch.allclose(ours(x), official(x), atol=1e-5)
             if step:  # the first forward set the statistics; later ones leave them
-                assert all(torch.equal(m.running_mean, a) and torch.equal(m.running_var, b) for m, (a, b) in zip(renorms, before))
+                assert all(
+                    torch.equal(m.running_mean, a) and torch.equal(m.running_var, b)
+                    for m, (a, b) in zip(renorms, before)
+                )

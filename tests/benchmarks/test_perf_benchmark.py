@@ -37,14 +37,32 @@ def test_bare_loop_rejects_what_it_does_not_reproduce(tmp_path):
 
 
 def test_vmapped_clients_match_sequential_ones():
-    res = jobs.vmap_clients({"clients": 3, "steps": 2, "reps": 1, "width": 8, "batch": 8, "data": {"dataset": "toy", "image_size": 16}})
+    res = jobs.vmap_clients(
+        {"clients": 3, "steps": 2, "reps": 1, "width": 8, "batch": 8, "data": {"dataset": "toy", "image_size": 16}}
+    )
     assert res["clients"] == 3 and res["sequential_s"] > 0 and res["vmap_s"] > 0
     assert res["max_param_diff"] < 1e-4
 
 
 def test_tta_job_times_every_adapter_without_the_cloud():
-    res = jobs.tta({"reps": 1, "batches": 2, "train_steps": 2, "width": 8, "batch": 16, "data": {"dataset": "toy", "image_size": 16}})
-    assert set(res["ratio"]) == {"alpha_bn", "unmix_tns", "cema_edge", "cema_edge_upload_all", "cema_edge_source_bn", "tbn"}
+    res = jobs.tta(
+        {
+            "reps": 1,
+            "batches": 2,
+            "train_steps": 2,
+            "width": 8,
+            "batch": 16,
+            "data": {"dataset": "toy", "image_size": 16},
+        }
+    )
+    assert set(res["ratio"]) == {
+        "alpha_bn",
+        "unmix_tns",
+        "cema_edge",
+        "cema_edge_upload_all",
+        "cema_edge_source_bn",
+        "tbn",
+    }
     assert all(np.isfinite(v) and v > 0 for v in res["ratio"].values())
     assert res["cema_cloud_steps"] == 0  # only the edge is timed
     assert res["cema_all_upload_fraction"] == 1.0  # the upload_all row packs every sample

@@ -19,13 +19,20 @@ from fedsim.scenario import load_scenario, new_run
 # toy: 4 domains x 250 clients = 1,000 clients, 5 images each (4 train, 1 test)
 POPULATION = {
     "rounds": 2,
-    "data": {"dataset": "toy", "image_size": 16, "clients_per_domain": 250, "options": {"train_per_domain": 1250, "test_per_domain": 20}},
+    "data": {
+        "dataset": "toy",
+        "image_size": 16,
+        "clients_per_domain": 250,
+        "options": {"train_per_domain": 1250, "test_per_domain": 20},
+    },
     "client": {"lr": 0.05, "batch_size": 4},
     "evaluation": {"every": 2, "per_client": True, "per_domain": True},
 }
 
 
-def run_population(tmp_path: Path, monkeypatch, strategy: dict, population: dict = POPULATION, expected: int = 1000) -> tuple[Path, set[int], set[int], list[int]]:
+def run_population(
+    tmp_path: Path, monkeypatch, strategy: dict, population: dict = POPULATION, expected: int = 1000
+) -> tuple[Path, set[int], set[int], list[int]]:
     path = write_scenario(tmp_path / "pop.yaml", **population, strategy=strategy)
     sc = load_scenario(str(path), [])
     assert num_clients(sc.data) == expected
@@ -81,7 +88,12 @@ def test_only_sampled_clients_get_data_and_state(tmp_path, monkeypatch, strategy
 # 4 domains x 25,000 clients = 100,000 clients, 3 tiny images each (2 train, 1 test)
 HUNDRED_THOUSAND = {
     "rounds": 2,
-    "data": {"dataset": "toy", "image_size": 8, "clients_per_domain": 25_000, "options": {"train_per_domain": 75_000, "test_per_domain": 8}},
+    "data": {
+        "dataset": "toy",
+        "image_size": 8,
+        "clients_per_domain": 25_000,
+        "options": {"train_per_domain": 75_000, "test_per_domain": 8},
+    },
     "client": {"lr": 0.05, "batch_size": 2},
     "evaluation": {"every": 2, "per_client": True, "per_domain": True},
 }
@@ -101,7 +113,9 @@ def test_hundred_thousand_clients_smoke(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ClientRuntime, "hello", hello)
     strategy = {"name": "fedbn", "args": {"fraction_train": 0.0001, "fraction_evaluate": 0.0001}}
-    run_dir, trained, evaluated, built = run_population(tmp_path, monkeypatch, strategy, HUNDRED_THOUSAND, expected=100_000)
+    run_dir, trained, evaluated, built = run_population(
+        tmp_path, monkeypatch, strategy, HUNDRED_THOUSAND, expected=100_000
+    )
     assert hellos == [] and HELLO == "query"
     assert 10 <= len(trained) <= 20 and len(evaluated) == 10
     assert set(built) == trained | evaluated and len(built) == len(set(built))

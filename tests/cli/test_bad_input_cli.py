@@ -18,12 +18,31 @@ from fedsim.cli import main
 from fedsim.schema import MAX_MESSAGE
 
 ROOT = Path(__file__).resolve().parents[2]
-BOMB = "[" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"&{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]) + "]"
+BOMB = (
+    "["
+    + ", ".join(
+        ["&a [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+        + [f"&{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+    )
+    + "]"
+)
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def one_line(err: str) -> str:
@@ -50,7 +69,10 @@ def test_fifo_scenario_is_refused_not_read(tmp_path):
     out = tmp_path / "run"
     result = run_cli("run", str(fifo), "--out", str(out), timeout=60)  # it used to block forever
     assert result.returncode == 2
-    assert one_line(result.stderr) == f"error: {fifo}: not a regular file (a FIFO, socket or device); expected a scenario YAML file"
+    assert (
+        one_line(result.stderr)
+        == f"error: {fifo}: not a regular file (a FIFO, socket or device); expected a scenario YAML file"
+    )
     assert not out.exists()
 
 
@@ -69,7 +91,9 @@ def test_device_file_as_scenario(tmp_path, capsys):
 
 
 def test_folder_as_scenario(tmp_path, capsys):
-    assert "is a folder, expected a scenario YAML file" in bad(["run", str(tmp_path), "--out", str(tmp_path / "run")], capsys)
+    assert "is a folder, expected a scenario YAML file" in bad(
+        ["run", str(tmp_path), "--out", str(tmp_path / "run")], capsys
+    )
 
 
 def test_binary_scenario(tmp_path, capsys):
@@ -82,7 +106,10 @@ def test_binary_scenario(tmp_path, capsys):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_scenario(tmp_path, toy_yaml, capsys):
     toy_yaml.chmod(0)
-    assert bad(["run", str(toy_yaml), "--out", str(tmp_path / "run")], capsys) == f"error: {toy_yaml}: cannot read: Permission denied"
+    assert (
+        bad(["run", str(toy_yaml), "--out", str(tmp_path / "run")], capsys)
+        == f"error: {toy_yaml}: cannot read: Permission denied"
+    )
 
 
 def test_nul_in_file_name(tmp_path, capsys):
@@ -100,7 +127,10 @@ def test_file_name_too_long(tmp_path, capsys):
 def test_oversized_scenario(tmp_path, capsys):
     path = tmp_path / "s.yaml"
     path.write_text("# " + "x" * 1_100_000 + "\nrounds: 2\n")
-    assert bad(["run", str(path), "--out", str(tmp_path / "run")], capsys) == f"error: {path}: larger than 1 MB; a scenario is a small text file"
+    assert (
+        bad(["run", str(path), "--out", str(tmp_path / "run")], capsys)
+        == f"error: {path}: larger than 1 MB; a scenario is a small text file"
+    )
 
 
 # -- --out --------------------------------------------------------------------------------
@@ -109,18 +139,25 @@ def test_oversized_scenario(tmp_path, capsys):
 def test_out_is_a_file(tmp_path, toy_yaml, capsys):
     target = tmp_path / "results.txt"
     target.write_text("keep me")
-    assert bad(["run", str(toy_yaml), "--out", str(target)], capsys) == f"error: --out {target}: is a file, not a folder"
+    assert (
+        bad(["run", str(toy_yaml), "--out", str(target)], capsys) == f"error: --out {target}: is a file, not a folder"
+    )
     assert target.read_text() == "keep me"
 
 
 def test_out_dev_null(toy_yaml, capsys):
-    assert bad(["run", str(toy_yaml), "--out", "/dev/null"], capsys) == "error: --out /dev/null: is a file, not a folder"
+    assert (
+        bad(["run", str(toy_yaml), "--out", "/dev/null"], capsys) == "error: --out /dev/null: is a file, not a folder"
+    )
 
 
 def test_out_under_a_file(tmp_path, toy_yaml, capsys):
     (tmp_path / "f").write_text("x")
     err = bad(["run", str(toy_yaml), "--out", str(tmp_path / "f" / "sub" / "run")], capsys)
-    assert err == f"error: --out {tmp_path / 'f' / 'sub' / 'run'}: {tmp_path / 'f'} is a file, so no folder can be made under it"
+    assert (
+        err
+        == f"error: --out {tmp_path / 'f' / 'sub' / 'run'}: {tmp_path / 'f'} is a file, so no folder can be made under it"
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -128,14 +165,20 @@ def test_out_read_only(tmp_path, toy_yaml, capsys):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    assert bad(["run", str(toy_yaml), "--out", str(ro / "run")], capsys) == f"error: --out {ro / 'run'}: {ro} is not writable"
+    assert (
+        bad(["run", str(toy_yaml), "--out", str(ro / "run")], capsys)
+        == f"error: --out {ro / 'run'}: {ro} is not writable"
+    )
     assert not (ro / "run").exists()
 
 
 def test_edge_demo_out_is_a_file(tmp_path, toy_yaml, capsys):
     target = tmp_path / "f"
     target.write_text("x")
-    assert bad(["edge", "demo", str(toy_yaml), "--out", str(target)], capsys) == f"error: --out {target}: is a file, not a folder"
+    assert (
+        bad(["edge", "demo", str(toy_yaml), "--out", str(target)], capsys)
+        == f"error: --out {target}: is a file, not a folder"
+    )
 
 
 # -- overrides ----------------------------------------------------------------------------
@@ -146,7 +189,10 @@ def test_alias_bomb_override_ends_quickly_with_a_short_message(tmp_path, toy_yam
     result = run_cli("run", str(toy_yaml), f"model.args.extra={BOMB}", "--out", str(out), timeout=60)
     assert result.returncode == 2
     err = one_line(result.stderr)
-    assert err.startswith("error: override 'model.args.extra=[&a") and "the document expands to more than 100000 values" in err
+    assert (
+        err.startswith("error: override 'model.args.extra=[&a")
+        and "the document expands to more than 100000 values" in err
+    )
     assert not out.exists()
 
 
@@ -158,7 +204,10 @@ def test_huge_override_value_gives_a_short_message(tmp_path, toy_yaml, capsys):
 
 def test_override_duplicate_key(tmp_path, toy_yaml, capsys):
     err = bad(["run", str(toy_yaml), "model.args={width: 8, width: 16}", "--out", str(tmp_path / "run")], capsys)
-    assert err == "error: override 'model.args={width: 8, width: 16}': line 1: duplicate key 'width' (first given on line 1)"
+    assert (
+        err
+        == "error: override 'model.args={width: 8, width: 16}': line 1: duplicate key 'width' (first given on line 1)"
+    )
 
 
 def test_override_did_you_mean(tmp_path, toy_yaml, capsys):
@@ -191,6 +240,7 @@ def test_valid_scenario_still_loads(toy_yaml):
     """The checks reject bad input only: the toy scenario (with an alias and a merge key,
     which stay allowed) loads."""
     from fedsim.scenario import load_scenario
+
     text = toy_yaml.read_text() + "evaluation: &ev {every: 1}\n"
     toy_yaml.write_text(text)
     scenario = load_scenario(toy_yaml, ["client.lr=1e-3", "seed=18446744073709551615"])

@@ -14,7 +14,15 @@ from fedsim.scenario import load_scenario
 SCENARIO = {
     "name": "toyparts",
     "seed": 3,
-    "data": {"dataset": "toy", "image_size": 16, "clients_per_domain": 3, "partition": "pathological", "num_classes_per_partition": 2, "domains": ["red", "green"], "options": {"train_per_domain": 400}},
+    "data": {
+        "dataset": "toy",
+        "image_size": 16,
+        "clients_per_domain": 3,
+        "partition": "pathological",
+        "num_classes_per_partition": 2,
+        "domains": ["red", "green"],
+        "options": {"train_per_domain": 400},
+    },
     "model": {"name": "cnn-small"},
     "client": {"batch_size": 4},
 }
@@ -53,7 +61,9 @@ def test_table_and_heatmap(tmp_path, capsys):
         y = np.asarray(ds.domains[d].y_train)[np.r_[p.train[d], p.test[d]]]
         assert row == [str(p.client_id), d, str(p.num_train), str(p.num_test), *map(str, np.bincount(y, minlength=4))]
         assert sum(int(v) > 0 for v in row[4:]) == 2  # pathological, 2 classes per client
-    assert rows[-1][1:] == [str(sum(int(r[i]) for r in rows[:-1])) for i in range(2, len(rows[0]))]  # "total", (no domain), sums
+    assert rows[-1][1:] == [
+        str(sum(int(r[i]) for r in rows[:-1])) for i in range(2, len(rows[0]))
+    ]  # "total", (no domain), sums
     dom = table_rows(out, "samples per client by domain (train + test):")
     assert dom[0][:2] == ["0", "red"] and int(dom[0][2]) == parts[0].num_train + parts[0].num_test and dom[0][3] == "0"
     assert "samples in no client:" in out
@@ -76,14 +86,22 @@ def test_refuses_to_overwrite_and_bad_input(tmp_path, capsys):
     assert main(["data", "partitions", str(scenario_file), "--out", str(png)]) == 0
     first = png.read_bytes()
     assert main(["data", "partitions", str(scenario_file), "--out", str(png)]) == 2
-    assert main(["data", "partitions", str(scenario_file), "--out", str(png), "--overwrite"]) == 0  # its own PNG: replaced
+    assert (
+        main(["data", "partitions", str(scenario_file), "--out", str(png), "--overwrite"]) == 0
+    )  # its own PNG: replaced
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.read_bytes() == first
     capsys.readouterr()
 
     other = tmp_path / "other.png"
     for args, message in [
-        ([str(scenario_file), "data.shard_size=10"], "data.shard_size: only used by partition shard (partition is pathological)"),
-        ([str(scenario_file), "data.num_classes_per_partition=5"], "data.num_classes_per_partition: 5 is more than the 4 classes in domain 'red'"),
+        (
+            [str(scenario_file), "data.shard_size=10"],
+            "data.shard_size: only used by partition shard (partition is pathological)",
+        ),
+        (
+            [str(scenario_file), "data.num_classes_per_partition=5"],
+            "data.num_classes_per_partition: 5 is more than the 4 classes in domain 'red'",
+        ),
         ([str(tmp_path / "missing.yaml")], "file not found"),
     ]:
         assert main(["data", "partitions", *args, "--out", str(other)]) == 2

@@ -28,7 +28,11 @@ from fedsim.results import RunFolder
 from fedsim.scenario import load_scenario
 
 FOREIGN = {"thesis.tex": "\\documentclass{article}", "sub/data.csv": "a,b\n1,2\n"}
-ADAPT = {"adapters": ["source"], "stream": {"corruptions": ["contrast"], "severities": [3], "batch_size": 16, "samples_per_shift": 16}, "edges": [0]}
+ADAPT = {
+    "adapters": ["source"],
+    "stream": {"corruptions": ["contrast"], "severities": [3], "batch_size": 16, "samples_per_shift": 16},
+    "edges": [0],
+}
 
 
 def scenario(path: Path, **updates: object) -> Path:
@@ -180,7 +184,9 @@ def test_report_never_overwrites_files_it_did_not_write(tmp_path, capsys):
     for extra in ([], ["--overwrite"]):
         assert main(["report", str(runs / "a"), *extra]) == 2
         one_line_error(capsys)
-        assert snapshot(runs)["report.png"] == before["report.png"] and snapshot(runs)["report.md"] == before["report.md"]
+        assert (
+            snapshot(runs)["report.png"] == before["report.png"] and snapshot(runs)["report.md"] == before["report.md"]
+        )
     assert main(["report", str(runs / "a"), "--out", str(runs / "a" / "summary.json")]) == 2
     assert ".png" in one_line_error(capsys)
     out = tmp_path / "cmp" / "r.png"
@@ -261,7 +267,9 @@ def test_failure_before_a_checkpoint_removes_the_folder_and_advises_no_resume(tm
 
 def test_failure_after_a_checkpoint_keeps_the_folder_and_advises_resume(tmp_path, capsys):
     out = tmp_path / "run"
-    path = scenario(tmp_path / "s.yaml", rounds=2, strategy={"name": "test_data_safety:FailsInRound", "args": {"fail_round": 2}})
+    path = scenario(
+        tmp_path / "s.yaml", rounds=2, strategy={"name": "test_data_safety:FailsInRound", "args": {"fail_round": 2}}
+    )
     assert main(["run", str(path), "--out", str(out)]) == 1
     err = one_line_error(capsys)
     assert err.endswith(f"continue with: fedsim run --resume {out})")

@@ -17,7 +17,11 @@ from PIL import Image
 from fedsim.cli import main
 from fedsim.report import Run, group_runs, report_figure
 
-ADAPT = {"adapters": ["source", "tent"], "stream": {"corruptions": ["contrast"], "severities": [3], "batch_size": 16, "samples_per_shift": 16}, "edges": [0]}
+ADAPT = {
+    "adapters": ["source", "tent"],
+    "stream": {"corruptions": ["contrast"], "severities": [3], "batch_size": 16, "samples_per_shift": 16},
+    "edges": [0],
+}
 RUNS = [("fedavg", 0), ("fedavg", 1), ("fedbn", 0), ("fedbn", 1)]
 
 
@@ -25,11 +29,25 @@ RUNS = [("fedavg", 0), ("fedavg", 1), ("fedbn", 0), ("fedbn", 1)]
 def runs(tmp_path_factory):
     """2 strategies x 2 seeds of the toy scenario, 2 rounds, each adapting (source, tent)."""
     base = tmp_path_factory.mktemp("report")
-    scenario = write_scenario(base / "toy.yaml", rounds=2, data={"clients_per_domain": 1, "samples_per_client": 24}, adaptation=ADAPT)
+    scenario = write_scenario(
+        base / "toy.yaml", rounds=2, data={"clients_per_domain": 1, "samples_per_client": 24}, adaptation=ADAPT
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDSIM_CACHE", str(base / "cache"))
         for strategy, seed in RUNS:
-            assert main(["run", str(scenario), f"strategy.name={strategy}", f"seed={seed}", "--out", str(base / f"{strategy}-{seed}")]) == 0
+            assert (
+                main(
+                    [
+                        "run",
+                        str(scenario),
+                        f"strategy.name={strategy}",
+                        f"seed={seed}",
+                        "--out",
+                        str(base / f"{strategy}-{seed}"),
+                    ]
+                )
+                == 0
+            )
     return base
 
 
@@ -48,7 +66,13 @@ def test_groups_are_mean_and_std_over_seeds_of_the_runs_own_numbers(runs, tmp_pa
     assert [g["label"] for g in doc["groups"]] == ["toy strategy=fedavg", "toy strategy=fedbn"]
     for g, strategy in zip(doc["groups"], ["fedavg", "fedbn"]):
         folders = [runs / f"{strategy}-{seed}" for seed in (0, 1)]
-        assert (g["strategy"], g["dataset"], g["rounds"], g["seeds"], g["unfinished"]) == (strategy, "toy", 2, [0, 1], 0)
+        assert (g["strategy"], g["dataset"], g["rounds"], g["seeds"], g["unfinished"]) == (
+            strategy,
+            "toy",
+            2,
+            [0, 1],
+            0,
+        )
         recs = [records(f) for f in folders]
         finals = [r[-1]["accuracy"] for r in recs]
         bests = [max(x["accuracy"] for x in r) for r in recs]
@@ -57,20 +81,27 @@ def test_groups_are_mean_and_std_over_seeds_of_the_runs_own_numbers(runs, tmp_pa
         assert g["mb_up"]["mean"] == pytest.approx(np.mean([r[-1]["bytes_up_total"] / 1e6 for r in recs]))
         assert g["mb_down"]["mean"] == pytest.approx(np.mean([r[-1]["bytes_down_total"] / 1e6 for r in recs]))
         for domain in ("red", "green", "blue", "gray"):
-            assert g["final_per_domain"][domain]["mean"] == pytest.approx(np.mean([r[-1]["per_domain"][domain] for r in recs]))
+            assert g["final_per_domain"][domain]["mean"] == pytest.approx(
+                np.mean([r[-1]["per_domain"][domain] for r in recs])
+            )
         assert g["curve"]["round"] == [1, 2]
         assert g["curve"]["accuracy_mean"] == pytest.approx([np.mean([r[i]["accuracy"] for r in recs]) for i in (0, 1)])
         assert g["curve"]["accuracy_std"] == pytest.approx([np.std([r[i]["accuracy"] for r in recs]) for i in (0, 1)])
         row = f"| {g['label']} | {strategy} | toy | 2 | 0, 1 | {np.mean(finals):.4f} ± {np.std(finals):.4f} | {np.mean(bests):.4f} ± {np.std(bests):.4f} |"
         assert row in table
         # the adaptation table: each adapter's online error over the group's runs
-        errors = {a: [json.loads((f / "adaptation_summary.json").read_text())["results"][a]["error"] for f in folders] for a in ("source", "tent")}
+        errors = {
+            a: [json.loads((f / "adaptation_summary.json").read_text())["results"][a]["error"] for f in folders]
+            for a in ("source", "tent")
+        }
         for adapter, values in errors.items():
             assert g["online_error"][adapter] == pytest.approx({"mean": np.mean(values), "std": np.std(values), "n": 2})
         cells = " | ".join(f"{np.mean(v):.4f} ± {np.std(v):.4f}" for v in errors.values())
         assert f"| {g['label']} | 0, 1 | {cells} |" in table
     assert table.index("## Test-time adaptation") > table.index("| toy strategy=fedbn |")
-    assert len({g["final_accuracy"]["mean"] for g in doc["groups"]}) == 2 and all(g["final_accuracy"]["std"] > 0 for g in doc["groups"])
+    assert len({g["final_accuracy"]["mean"] for g in doc["groups"]}) == 2 and all(
+        g["final_accuracy"]["std"] > 0 for g in doc["groups"]
+    )
     with Image.open(plot) as image:
         assert image.info["Software"].startswith("fedsim ")
     shown = capsys.readouterr().out
@@ -97,7 +128,14 @@ def _run(scenario: dict, path: str = "x") -> Run:
 
 
 def test_groups_are_scenarios_equal_except_seed_and_name():
-    base = {"name": "toy", "seed": 0, "rounds": 2, "data": {"dataset": "toy"}, "strategy": {"name": "fedavg", "args": {}}, "client": {"lr": 0.1}}
+    base = {
+        "name": "toy",
+        "seed": 0,
+        "rounds": 2,
+        "data": {"dataset": "toy"},
+        "strategy": {"name": "fedavg", "args": {}},
+        "client": {"lr": 0.1},
+    }
     lr = json.loads(json.dumps(base)) | {"client": {"lr": 0.01}, "seed": 1}
     prox = json.loads(json.dumps(base)) | {"strategy": {"name": "fedprox", "args": {"mu": 0.1}}}
     renamed = base | {"name": "other", "seed": 3}
@@ -130,7 +168,9 @@ def test_never_writes_over_files_fedsim_did_not_write(runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "r.json" in err
     # nothing of the report was written, the user's file is as it was
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"] and json.loads(out.with_suffix(".json").read_text()) == {"mine": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"] and json.loads(
+        out.with_suffix(".json").read_text()
+    ) == {"mine": True}
     out.with_suffix(".json").unlink()
     assert main(["report", *folders, "--out", str(out)]) == 0
     assert main(["report", *folders, "--out", str(out)]) == 2  # exists: needs --overwrite

@@ -40,13 +40,16 @@ SEEDS = "0,1"
 def test_split_values_keeps_brackets_braces_and_quotes_whole():
     assert split_values("[mnist,svhn],[mnist,usps]") == ["[mnist,svhn]", "[mnist,usps]"]
     assert split_values("{a: 1, b: [2, 3]},{a: 4}") == ["{a: 1, b: [2, 3]}", "{a: 4}"]
-    assert split_values("'x,y',\"p,\\\"q\",z") == ["'x,y'", '"p,\\"q"', "z"]
+    assert split_values('\'x,y\',"p,\\"q",z') == ["'x,y'", '"p,\\"q"', "z"]
     assert split_values("it's,fine") == ["it's", "fine"]  # a quote inside a plain word opens nothing
     assert split_values("0.1") == ["0.1"]
 
 
 def test_parse_sweep_args_axes_fixed_overrides_and_yaml_scalars(tmp_path):
-    spec = parse_sweep_args("s.yaml", ["client.lr=0.01, 0.1", "data.domains=[red,green],[blue]", "rounds=2", "strategy.name=fedavg", "x.y='a,b'"])
+    spec = parse_sweep_args(
+        "s.yaml",
+        ["client.lr=0.01, 0.1", "data.domains=[red,green],[blue]", "rounds=2", "strategy.name=fedavg", "x.y='a,b'"],
+    )
     assert spec.axes == (Axis("client.lr", ("0.01", "0.1")), Axis("data.domains", ("[red,green]", "[blue]")))
     assert spec.overrides == ("rounds=2", "strategy.name=fedavg", "x.y='a,b'")
     assert spec.seeds is None
@@ -92,7 +95,11 @@ def test_every_point_is_validated_before_anything_is_created(tmp_path, capsys):
     assert err.count("\n") == 0 and "toy.yaml: client.lr: must be > 0" in err and "client.lr=-1" in err
     assert not out.exists()
     with pytest.raises(ScenarioError, match="strategy.name"):
-        run_sweep(parse_sweep_args(scenario, ["strategy.name=fedavg,nosuchstrategy"]), runner=lambda argv: calls.append(argv) or 0, out=out)
+        run_sweep(
+            parse_sweep_args(scenario, ["strategy.name=fedavg,nosuchstrategy"]),
+            runner=lambda argv: calls.append(argv) or 0,
+            out=out,
+        )
     assert calls == [] and not out.exists()
 
 
@@ -157,12 +164,26 @@ def test_table_is_mean_and_std_over_seeds_of_the_runs_metrics(swept):
 def test_a_point_equals_a_separate_fedsim_run(swept, tmp_path):
     scenario, out = swept
     alone = tmp_path / "alone"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", str(scenario), "client.lr=0.1", "seed=1", "--out", str(alone)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", "run", str(scenario), "client.lr=0.1", "seed=1", "--out", str(alone)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
 
     def accuracies(folder):
-        return [(r["round"], r["accuracy"], r["per_domain"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+        return [
+            (r["round"], r["accuracy"], r["per_domain"])
+            for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        ]
 
     assert accuracies(out / "client.lr=0.1_seed=1") == accuracies(alone)
 
@@ -187,7 +208,10 @@ def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(swept, tmp_pat
     spec = parse_sweep_args(scenario, GRID, parse_seeds(SEEDS))
     folder, points = run_sweep(spec, runner=runner, out=out)
     assert folder == out
-    assert calls == [["run", "--resume", str(killed)], ["run", str(scenario), "client.lr=0.1", "seed=0", "--out", str(out / "client.lr=0.1_seed=0")]]
+    assert calls == [
+        ["run", "--resume", str(killed)],
+        ["run", str(scenario), "client.lr=0.1", "seed=0", "--out", str(out / "client.lr=0.1_seed=0")],
+    ]
     # a resumed or re-run point gives the numbers of the uninterrupted sweep
     assert [p["final_accuracy"] for p in points] == pytest.approx([p["final_accuracy"] for p in before])
     calls.clear()
@@ -225,18 +249,30 @@ def test_overwrite_replaces_a_fedsim_sweep(swept, tmp_path):
 
 
 def test_adaptation_columns_are_each_adapters_online_error_over_seeds(tmp_path):
-    adaptation = {"adapters": ["source", "tbn"], "stream": {"corruptions": ["gaussian_noise"], "severities": [3], "batch_size": 16, "samples_per_shift": 24}, "edges": [0]}
+    adaptation = {
+        "adapters": ["source", "tbn"],
+        "stream": {"corruptions": ["gaussian_noise"], "severities": [3], "batch_size": 16, "samples_per_shift": 24},
+        "edges": [0],
+    }
     scenario = write_scenario(tmp_path / "toy.yaml", rounds=1, data={"samples_per_client": 24}, adaptation=adaptation)
     out = tmp_path / "out"
     assert main(["sweep", str(scenario), "adaptation.stream.batch_size=8,16", "--seeds", SEEDS, "--out", str(out)]) == 0
     doc = json.loads((out / "sweep.json").read_text())
     table = (out / "sweep.md").read_text()
-    assert "| adaptation.stream.batch_size | seeds | final acc | best acc | MB up | MB down | online err source | online err tbn |" in table
+    assert (
+        "| adaptation.stream.batch_size | seeds | final acc | best acc | MB up | MB down | online err source | online err tbn |"
+        in table
+    )
     for point in doc["points"]:
         size = point["labels"]["adaptation.stream.batch_size"]
         cells = []
         for adapter in ("source", "tbn"):
-            errors = [json.loads((out / f"adaptation.stream.batch_size={size}_seed={s}" / "adaptation_summary.json").read_text())["results"][adapter]["error"] for s in (0, 1)]
+            errors = [
+                json.loads(
+                    (out / f"adaptation.stream.batch_size={size}_seed={s}" / "adaptation_summary.json").read_text()
+                )["results"][adapter]["error"]
+                for s in (0, 1)
+            ]
             mean, std = _stats(errors)
             assert point["online_error"][adapter] == pytest.approx({"mean": mean, "std": std, "n": 2})
             cells.append(f"{mean:.4f} ± {std:.4f}")

@@ -250,7 +250,9 @@ def test_repeated_domains_are_refused_by_the_schema() -> None:
 
 def test_registered_loader_reads_config(cache: Path) -> None:
     assert DATASETS.get("digits5") is load_digits5
-    cfg = DataConfig(domains=["usps", "mnist"], image_size=16, options={"train_per_domain": 20, "test_per_domain": 10, "seed": 3})
+    cfg = DataConfig(
+        domains=["usps", "mnist"], image_size=16, options={"train_per_domain": 20, "test_per_domain": 10, "seed": 3}
+    )
     ds = load_digits5(cfg)
     assert list(ds.domains) == ["usps", "mnist"] and ds.image_size == 16
     assert ds.domains["mnist"].x_train.shape == (20, 16, 16, 3)
@@ -261,7 +263,10 @@ def test_registered_loader_reads_config(cache: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"domains": ["mnist", "x"]}, "data.domains: unknown domain 'x' for digits5 (known: mnist, usps, mnistm, svhn, syn)"),
+        (
+            {"domains": ["mnist", "x"]},
+            "data.domains: unknown domain 'x' for digits5 (known: mnist, usps, mnistm, svhn, syn)",
+        ),
         ({"options": {"size": 3}}, "data.options.size: unknown option"),
         ({"options": {"train_per_domain": "many"}}, "data.options.train_per_domain: must be an integer"),
         ({"options": {"seed": -1}}, "data.options.seed: must be >= 0"),

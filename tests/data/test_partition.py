@@ -53,16 +53,20 @@ def test_seeded_and_seed_sensitive():
 
 def test_dirichlet_small_alpha_skews_labels():
     lab = labels(1, 2000)
+
     def skew(alpha):
         parts = make_partitions(lab, DataConfig(partition="dirichlet", clients_per_domain=5, alpha=alpha), seed=0)
         # mean over clients of the share of the client's most common label
         return np.mean([np.bincount(lab["d0"][p.train["d0"]], minlength=10).max() / p.num_train for p in parts])
+
     assert skew(0.1) > skew(100.0) + 0.2
 
 
 def test_mix_domains_pools_domains():
     lab = labels()
-    parts = make_partitions(lab, DataConfig(partition="iid", clients_per_domain=2, options={"mix_domains": True}), seed=0)
+    parts = make_partitions(
+        lab, DataConfig(partition="iid", clients_per_domain=2, options={"mix_domains": True}), seed=0
+    )
     assert len(parts) == 6 and all(len(p.domains) == 3 for p in parts)
     for d in lab:
         idx = all_indices(parts, d)

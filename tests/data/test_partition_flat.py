@@ -19,13 +19,19 @@ def eager(labels: dict[str, np.ndarray], cfg: DataConfig, seed: int) -> list[Cli
     shards: list[dict[str, np.ndarray]] = []
     if mix_domains(cfg):
         offsets = np.cumsum([0] + [len(labels[d]) for d in domains])
-        pooled = _label_shards(cfg, np.concatenate([labels[d] for d in domains]), np.arange(offsets[-1]), len(domains) * per, rng, 2, "")
+        pooled = _label_shards(
+            cfg, np.concatenate([labels[d] for d in domains]), np.arange(offsets[-1]), len(domains) * per, rng, 2, ""
+        )
         for s in pooled:
             shards.append({d: s[(s >= offsets[i]) & (s < offsets[i + 1])] - offsets[i] for i, d in enumerate(domains)})
     else:
         for d in domains:
             idx = np.arange(len(labels[d]))
-            parts = _iid_shards(idx, per, rng) if cfg.partition == "by-domain" else _label_shards(cfg, labels[d], idx, per, rng, 2, "")
+            parts = (
+                _iid_shards(idx, per, rng)
+                if cfg.partition == "by-domain"
+                else _label_shards(cfg, labels[d], idx, per, rng, 2, "")
+            )
             shards.extend({d: p} for p in parts)
     clients = []
     for cid, shard in enumerate(shards):
@@ -50,7 +56,13 @@ CONFIGS = [
     {"partition": "iid", "clients_per_domain": 4},
     {"partition": "iid", "clients_per_domain": 4, "options": {"mix_domains": True}, "samples_per_client": 12},
     {"partition": "dirichlet", "clients_per_domain": 5, "alpha": 0.3},
-    {"partition": "dirichlet", "clients_per_domain": 5, "alpha": 0.1, "options": {"mix_domains": True}, "samples_per_client": 20},
+    {
+        "partition": "dirichlet",
+        "clients_per_domain": 5,
+        "alpha": 0.1,
+        "options": {"mix_domains": True},
+        "samples_per_client": 20,
+    },
     {"partition": "pathological", "clients_per_domain": 5, "num_classes_per_partition": 2},
     {"partition": "shard", "clients_per_domain": 5, "num_shards_per_partition": 2},
     {"partition": "square", "clients_per_domain": 3, "options": {"mix_domains": True}},
@@ -70,7 +82,11 @@ def test_flat_partitions_match_eager_construction(kw, seed):
         assert (b.client_id, b.domain) == (a.client_id, a.domain)
         assert list(b.train) == list(a.train) and list(b.test) == list(a.test)
         for d in a.train:
-            assert b.train[d].dtype == np.int64 and np.array_equal(b.train[d], a.train[d]) and np.array_equal(b.test[d], a.test[d])
+            assert (
+                b.train[d].dtype == np.int64
+                and np.array_equal(b.train[d], a.train[d])
+                and np.array_equal(b.test[d], a.test[d])
+            )
     # counts and main domains come from the flat arrays, without building any client
     assert got.num_train.tolist() == [p.num_train for p in want]
     assert got.num_test.tolist() == [p.num_test for p in want]

@@ -47,7 +47,9 @@ def test_pathological_exactly_k_classes(mode, k):
 def test_pathological_deterministic_and_first_deterministic_classes():
     y = labels(classes=5)
     parts = partitioners.pathological(y, 6, 2, "deterministic", np.random.default_rng(0))
-    assert [sorted(np.unique(y[p]).tolist()) for p in parts] == [sorted({(p + i) % 5 for i in range(2)}) for p in range(6)]
+    assert [sorted(np.unique(y[p]).tolist()) for p in parts] == [
+        sorted({(p + i) % 5 for i in range(2)}) for p in range(6)
+    ]
     parts = partitioners.pathological(y, 6, 3, "first-deterministic", np.random.default_rng(0))
     for pid, p in enumerate(parts):
         assert pid % 5 in set(y[p].tolist())
@@ -153,9 +155,13 @@ def test_within_each_domain_each_sample_at_most_once(kw):
         idx = np.concatenate([np.r_[p.train[d], p.test[d]] for p in mine])
         assert len(idx) == len(set(idx.tolist())) <= len(lab[d])
         if kw["partition"] == "pathological":
-            assert all(len(np.unique(lab[d][np.r_[p.train[d], p.test[d]]])) == kw["num_classes_per_partition"] for p in mine)
+            assert all(
+                len(np.unique(lab[d][np.r_[p.train[d], p.test[d]]])) == kw["num_classes_per_partition"] for p in mine
+            )
         if kw["partition"] in ("linear", "square", "exponential"):
-            assert [p.num_train + p.num_test for p in mine] == partitioners.id_to_size(len(lab[d]), 4, kw["partition"]).tolist()
+            assert [p.num_train + p.num_test for p in mine] == partitioners.id_to_size(
+                len(lab[d]), 4, kw["partition"]
+            ).tolist()
         if kw["partition"] == "size":
             assert [p.num_train + p.num_test for p in mine] == kw["partition_sizes"]
     again = make_partitions(lab, cfg, seed=1)
@@ -167,7 +173,9 @@ def test_within_each_domain_each_sample_at_most_once(kw):
 
 def test_mix_domains_pools_then_partitions():
     lab = domain_labels()
-    cfg = DataConfig(clients_per_domain=2, partition="pathological", num_classes_per_partition=2, options={"mix_domains": True})
+    cfg = DataConfig(
+        clients_per_domain=2, partition="pathological", num_classes_per_partition=2, options={"mix_domains": True}
+    )
     parts = make_partitions(lab, cfg, seed=0)
     assert len(parts) == 6
     for p in parts:
@@ -191,10 +199,19 @@ def test_too_small_client_is_an_error():
     [
         ({"partition": "iid", "shard_size": 10}, "data.shard_size: only used by partition shard (partition is iid)"),
         ({"partition": "pathological"}, "data.num_classes_per_partition: required by partition pathological"),
-        ({"partition": "shard"}, "data.shard_size: partition shard needs data.shard_size, data.num_shards_per_partition or both"),
+        (
+            {"partition": "shard"},
+            "data.shard_size: partition shard needs data.shard_size, data.num_shards_per_partition or both",
+        ),
         ({"partition": "size"}, "data.partition_sizes: required by partition size (one size per client of a domain)"),
-        ({"partition": "size", "partition_sizes": [3, 0]}, "data.partition_sizes: must be a non-empty list of sizes >= 1 (got [3, 0])"),
-        ({"partition": "dirichlet", "class_assignment_mode": "random"}, "data.class_assignment_mode: only used by partition pathological (partition is dirichlet)"),
+        (
+            {"partition": "size", "partition_sizes": [3, 0]},
+            "data.partition_sizes: must be a non-empty list of sizes >= 1 (got [3, 0])",
+        ),
+        (
+            {"partition": "dirichlet", "class_assignment_mode": "random"},
+            "data.class_assignment_mode: only used by partition pathological (partition is dirichlet)",
+        ),
     ],
 )
 def test_config_rejects_misplaced_or_missing_parameters(kw, message):
@@ -206,17 +223,61 @@ def test_config_rejects_misplaced_or_missing_parameters(kw, message):
 # -- equality with flwr-datasets ----------------------------------------------------------
 
 FLWR_CASES = [
-    ("PathologicalPartitioner", {"num_partitions": 7, "num_classes_per_partition": 2, "class_assignment_mode": "random"}, lambda y, rng: partitioners.pathological(y, 7, 2, "random", rng)),
-    ("PathologicalPartitioner", {"num_partitions": 12, "num_classes_per_partition": 3, "class_assignment_mode": "first-deterministic"}, lambda y, rng: partitioners.pathological(y, 12, 3, "first-deterministic", rng)),
-    ("PathologicalPartitioner", {"num_partitions": 5, "num_classes_per_partition": 4, "class_assignment_mode": "deterministic"}, lambda y, rng: partitioners.pathological(y, 5, 4, "deterministic", rng)),
-    ("ShardPartitioner", {"num_partitions": 10, "num_shards_per_partition": 2, "shard_size": 45}, lambda y, rng: partitioners.shard(y, 10, 2, 45, False, rng)),
-    ("ShardPartitioner", {"num_partitions": 10, "num_shards_per_partition": 3}, lambda y, rng: partitioners.shard(y, 10, 3, None, False, rng)),
-    ("ShardPartitioner", {"num_partitions": 9, "shard_size": 70}, lambda y, rng: partitioners.shard(y, 9, None, 70, False, rng)),
-    ("ShardPartitioner", {"num_partitions": 9, "shard_size": 70, "keep_incomplete_shard": True}, lambda y, rng: partitioners.shard(y, 9, None, 70, True, rng)),
-    ("LinearPartitioner", {"num_partitions": 6}, lambda y, rng: partitioners.contiguous(len(y), partitioners.id_to_size(len(y), 6, "linear").tolist())),
-    ("SquarePartitioner", {"num_partitions": 6}, lambda y, rng: partitioners.contiguous(len(y), partitioners.id_to_size(len(y), 6, "square").tolist())),
-    ("ExponentialPartitioner", {"num_partitions": 5}, lambda y, rng: partitioners.contiguous(len(y), partitioners.id_to_size(len(y), 5, "exponential").tolist())),
-    ("SizePartitioner", {"partition_sizes": [100, 50, 300]}, lambda y, rng: partitioners.contiguous(len(y), [100, 50, 300])),
+    (
+        "PathologicalPartitioner",
+        {"num_partitions": 7, "num_classes_per_partition": 2, "class_assignment_mode": "random"},
+        lambda y, rng: partitioners.pathological(y, 7, 2, "random", rng),
+    ),
+    (
+        "PathologicalPartitioner",
+        {"num_partitions": 12, "num_classes_per_partition": 3, "class_assignment_mode": "first-deterministic"},
+        lambda y, rng: partitioners.pathological(y, 12, 3, "first-deterministic", rng),
+    ),
+    (
+        "PathologicalPartitioner",
+        {"num_partitions": 5, "num_classes_per_partition": 4, "class_assignment_mode": "deterministic"},
+        lambda y, rng: partitioners.pathological(y, 5, 4, "deterministic", rng),
+    ),
+    (
+        "ShardPartitioner",
+        {"num_partitions": 10, "num_shards_per_partition": 2, "shard_size": 45},
+        lambda y, rng: partitioners.shard(y, 10, 2, 45, False, rng),
+    ),
+    (
+        "ShardPartitioner",
+        {"num_partitions": 10, "num_shards_per_partition": 3},
+        lambda y, rng: partitioners.shard(y, 10, 3, None, False, rng),
+    ),
+    (
+        "ShardPartitioner",
+        {"num_partitions": 9, "shard_size": 70},
+        lambda y, rng: partitioners.shard(y, 9, None, 70, False, rng),
+    ),
+    (
+        "ShardPartitioner",
+        {"num_partitions": 9, "shard_size": 70, "keep_incomplete_shard": True},
+        lambda y, rng: partitioners.shard(y, 9, None, 70, True, rng),
+    ),
+    (
+        "LinearPartitioner",
+        {"num_partitions": 6},
+        lambda y, rng: partitioners.contiguous(len(y), partitioners.id_to_size(len(y), 6, "linear").tolist()),
+    ),
+    (
+        "SquarePartitioner",
+        {"num_partitions": 6},
+        lambda y, rng: partitioners.contiguous(len(y), partitioners.id_to_size(len(y), 6, "square").tolist()),
+    ),
+    (
+        "ExponentialPartitioner",
+        {"num_partitions": 5},
+        lambda y, rng: partitioners.contiguous(len(y), partitioners.id_to_size(len(y), 5, "exponential").tolist()),
+    ),
+    (
+        "SizePartitioner",
+        {"partition_sizes": [100, 50, 300]},
+        lambda y, rng: partitioners.contiguous(len(y), [100, 50, 300]),
+    ),
 ]
 
 

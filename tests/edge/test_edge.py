@@ -33,14 +33,41 @@ SCENARIO = {
     "name": "edge-tiny",
     "seed": 0,
     "rounds": 2,
-    "data": {"dataset": "digits5", "domains": ["mnist", "usps"], "image_size": 28, "partition": "by-domain", "clients_per_domain": 1, "samples_per_client": 160, "domain_test_samples": 64},
+    "data": {
+        "dataset": "digits5",
+        "domains": ["mnist", "usps"],
+        "image_size": 28,
+        "partition": "by-domain",
+        "clients_per_domain": 1,
+        "samples_per_client": 160,
+        "domain_test_samples": 64,
+    },
     "model": {"name": "cnn-small", "normalization": "bn", "args": {"width": 8}},
     "client": {"lr": 0.05, "momentum": 0.9, "batch_size": 32},
     "strategy": {"name": "fedavg", "args": {"fraction_train": 1.0}},
     "evaluation": {"every": 2},
     "adaptation": {
-        "adapters": ["source", "tbn", {"name": "cema", "args": {"cloud_batch": 8, "warmup_samples": 32, "e0_ratio": 0.95, "redundancy_margin": 0.6, "replay_start": 8, "replay_size": 4}}],
-        "stream": {"corruptions": ["gaussian_noise", "contrast"], "severities": [2], "batch_size": 16, "samples_per_shift": 48},
+        "adapters": [
+            "source",
+            "tbn",
+            {
+                "name": "cema",
+                "args": {
+                    "cloud_batch": 8,
+                    "warmup_samples": 32,
+                    "e0_ratio": 0.95,
+                    "redundancy_margin": 0.6,
+                    "replay_start": 8,
+                    "replay_size": 4,
+                },
+            },
+        ],
+        "stream": {
+            "corruptions": ["gaussian_noise", "contrast"],
+            "severities": [2],
+            "batch_size": 16,
+            "samples_per_shift": 48,
+        },
         "edge_streams": {1: {"corruptions": ["defocus_blur"], "dirichlet_delta": 0.1}},
         "model": "global",
         "reset": "never",
@@ -69,7 +96,13 @@ def per_edge_errors(run: Path) -> dict[str, dict[str, float]]:
 def batch_scores(run: Path) -> dict[tuple, tuple]:
     """(adapter, edge, batch) -> (correct, cumulative metrics without timings)."""
     rows = [json.loads(line) for line in (run / "adaptation.jsonl").read_text().splitlines()]
-    return {(r["adapter"], r["edge"], r["batch"]): (r["correct"], {k: v for k, v in r.get("metrics", {}).items() if "seconds" not in k}) for r in rows}
+    return {
+        (r["adapter"], r["edge"], r["batch"]): (
+            r["correct"],
+            {k: v for k, v in r.get("metrics", {}).items() if "seconds" not in k},
+        )
+        for r in rows
+    }
 
 
 def accuracies(run: Path) -> list[dict[str, float]]:
@@ -99,9 +132,20 @@ def test_protocol_in_process_equals_simulation(tmp_path: Path, reset: str) -> No
     out = (tmp_path / "edge").resolve()
     RunFolder.create(out, scenario)
     n = num_clients(scenario.data)
-    contexts = {500 + i: Context(run_id=1, node_id=500 + i, node_config={"partition-id": i, "num-partitions": n, "state-dir": str(out)}, state=RecordDict(), run_config={}) for i in range(n)}
+    contexts = {
+        500 + i: Context(
+            run_id=1,
+            node_id=500 + i,
+            node_config={"partition-id": i, "num-partitions": n, "state-dir": str(out)},
+            state=RecordDict(),
+            run_config={},
+        )
+        for i in range(n)
+    }
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
-    run_cloud(InlineGrid(client_app, contexts), {"scenario": "", "run-dir": str(out), "resume": True})  # as the demo submits
+    run_cloud(
+        InlineGrid(client_app, contexts), {"scenario": "", "run-dir": str(out), "resume": True}
+    )  # as the demo submits
     assert accuracies(out) == accuracies(tmp_path / "sim")
     assert per_edge_errors(out) == per_edge_errors(tmp_path / "sim")
     assert batch_scores(out) == batch_scores(tmp_path / "sim")  # every batch, CEMA's uploads and cloud rounds too
@@ -115,8 +159,19 @@ def test_protocol_in_process_equals_simulation(tmp_path: Path, reset: str) -> No
 
 # -- device profiles and the live view -----------------------------------------------------
 def test_estimate_by_hand() -> None:
-    p = DeviceProfile(name="p", compute=0.5, uplink_mbps=2.0, downlink_mbps=8.0, rtt_ms=10.0, memory_mb=1.0, compute_w=2.0, radio_nj_per_bit=50.0)
-    est = estimate(p, seconds=1.0, batches=4, bytes_up=250_000, bytes_down=1_000_000, exchanges=3, memory_bytes=2**20 + 1)
+    p = DeviceProfile(
+        name="p",
+        compute=0.5,
+        uplink_mbps=2.0,
+        downlink_mbps=8.0,
+        rtt_ms=10.0,
+        memory_mb=1.0,
+        compute_w=2.0,
+        radio_nj_per_bit=50.0,
+    )
+    est = estimate(
+        p, seconds=1.0, batches=4, bytes_up=250_000, bytes_down=1_000_000, exchanges=3, memory_bytes=2**20 + 1
+    )
     compute = 1.0 / 0.5
     transfer = 250_000 * 8 / 2e6 + 1_000_000 * 8 / 8e6 + 3 * 0.010
     assert math.isclose(est["compute_s"], compute) and math.isclose(est["transfer_s"], transfer)
@@ -166,7 +221,14 @@ def test_app_declared_for_flwr_run() -> None:
 # -- end to end on Flower's deployment runtime ----------------------------------------------
 def demo(*args: str, **popen: object) -> subprocess.Popen:
     env = {**os.environ, "COLUMNS": "160", TOKEN_ENV: TOKEN}
-    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", "edge", "demo", *args, "--no-live"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsim.cli", "edge", "demo", *args, "--no-live"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **popen,
+    )
 
 
 @pytest.mark.edge
@@ -177,7 +239,18 @@ def test_demo_end_to_end_matches_simulation(tmp_path: Path) -> None:
     assert proc.returncode == 0, err[-2000:]
     assert leftover_processes() == []
     run = tmp_path / "demo"
-    for name in ("scenario.yaml", "metrics.jsonl", "summary.json", "accuracy.png", "adaptation.jsonl", "adaptation_summary.json", "adaptation.png", "edge/devices.json", "edge/logs/superlink.log", "edge/logs/supernode-1.log"):
+    for name in (
+        "scenario.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "accuracy.png",
+        "adaptation.jsonl",
+        "adaptation_summary.json",
+        "adaptation.png",
+        "edge/devices.json",
+        "edge/logs/superlink.log",
+        "edge/logs/supernode-1.log",
+    ):
         assert (run / name).is_file(), name
     assert any((run / "checkpoints").iterdir())
     assert "online error" in out
@@ -222,7 +295,9 @@ def test_demo_failure_and_tls(tmp_path: Path) -> None:
     self-signed certificates; and nothing is left running."""
     assert main(["edge", "certs", str(tmp_path / "certs")]) == 0
     tls = {"tls": {"ca": "certs/ca.crt", "cert": "certs/server.pem", "key": "certs/server.key"}}
-    path = write(tmp_path / "s.yaml", rounds=1, adaptation=None, edge=tls, faults={"failure_prob": 1.0, "max_round_retries": 0})
+    path = write(
+        tmp_path / "s.yaml", rounds=1, adaptation=None, edge=tls, faults={"failure_prob": 1.0, "max_round_retries": 0}
+    )
     proc = demo(str(path), "--out", str(tmp_path / "demo"))
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, out[-2000:]
@@ -244,8 +319,34 @@ def test_live_view_renders_every_device(tmp_path: Path) -> None:
     events = [
         {"event": "start", "rounds": 2},
         {"event": "round", "record": {"round": 2, "accuracy": 0.75, "bytes_up_total": 2e6, "bytes_down_total": 2e6}},
-        {"event": "edge", "edge": 0, "adapter": "tbn", "seed": 0, "batches": 4, "samples": 64, "correct": 48, "done": True, "on_device": True, "seconds": 0.1},
-        {"event": "edge", "edge": 1, "adapter": "cema", "seed": 0, "batches": 2, "samples": 32, "correct": 8, "uploaded": 5, "bytes_up": 3920.0, "bytes_down": 512.0, "cloud_steps": 1, "done": False, "on_device": False, "seconds": 0.05},
+        {
+            "event": "edge",
+            "edge": 0,
+            "adapter": "tbn",
+            "seed": 0,
+            "batches": 4,
+            "samples": 64,
+            "correct": 48,
+            "done": True,
+            "on_device": True,
+            "seconds": 0.1,
+        },
+        {
+            "event": "edge",
+            "edge": 1,
+            "adapter": "cema",
+            "seed": 0,
+            "batches": 2,
+            "samples": 32,
+            "correct": 8,
+            "uploaded": 5,
+            "bytes_up": 3920.0,
+            "bytes_down": 512.0,
+            "cloud_steps": 1,
+            "done": False,
+            "on_device": False,
+            "seconds": 0.05,
+        },
     ]
     path.write_text("".join(json.dumps({**e, "time": 0}) + "\n" for e in events))
     reader = ProgressReader(path)

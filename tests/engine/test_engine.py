@@ -78,23 +78,44 @@ def test_fedbn_beats_fedavg_per_domain_on_toy(toy_yaml, tmp_path):
     assert bn[-1]["accuracy"] != avg[-1]["accuracy"]  # different algorithms, different numbers
 
 
-@pytest.mark.parametrize("strategy,args", [
-    ("flwr.serverapp.strategy:FedProx", "{proximal_mu: 0.1, min_train_nodes: 1, min_evaluate_nodes: 1, min_available_nodes: 1}"),
-    ("flwr.serverapp.strategy:FedAdam", "{eta: 0.01, min_train_nodes: 1, min_evaluate_nodes: 1, min_available_nodes: 1}"),
-])
+@pytest.mark.parametrize(
+    "strategy,args",
+    [
+        (
+            "flwr.serverapp.strategy:FedProx",
+            "{proximal_mu: 0.1, min_train_nodes: 1, min_evaluate_nodes: 1, min_available_nodes: 1}",
+        ),
+        (
+            "flwr.serverapp.strategy:FedAdam",
+            "{eta: 0.01, min_train_nodes: 1, min_evaluate_nodes: 1, min_available_nodes: 1}",
+        ),
+    ],
+)
 def test_flower_strategies_plug_in_unchanged(toy_yaml, tmp_path, strategy, args):
     # GroupNorm: server-side Adam on BatchNorm running statistics is unstable by design
-    records = run(toy_yaml, tmp_path / "flwr", f"strategy.name={strategy}", f"strategy.args={args}", "rounds=2", "model.normalization=gn")
+    records = run(
+        toy_yaml,
+        tmp_path / "flwr",
+        f"strategy.name={strategy}",
+        f"strategy.args={args}",
+        "rounds=2",
+        "model.normalization=gn",
+    )
     assert records[-1]["accuracy"] > 0.5
 
 
 def test_fedadam_resume_restores_server_moments(toy_yaml, tmp_path):
-    args = ["strategy.name=flwr.serverapp.strategy:FedAdam", "strategy.args={eta: 0.01, min_available_nodes: 1}", "model.normalization=gn"]
+    args = [
+        "strategy.name=flwr.serverapp.strategy:FedAdam",
+        "strategy.args={eta: 0.01, min_available_nodes: 1}",
+        "model.normalization=gn",
+    ]
     full = run(toy_yaml, tmp_path / "full", *args, "rounds=3")
     part = tmp_path / "part"
     run(toy_yaml, part, *args, "rounds=3")
     # simulate a kill after round 2: drop round 3's checkpoint and metrics line
     import shutil
+
     shutil.rmtree(part / "checkpoints" / "round_00003")
     lines = (part / "metrics.jsonl").read_text().splitlines()[:2]
     (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -111,7 +132,13 @@ def test_partial_participation_is_seeded(toy_yaml, tmp_path):
 
 
 def test_failing_and_nan_clients_are_excluded(toy_yaml, tmp_path):
-    records = run(toy_yaml, tmp_path / "faults", "faults.failure_prob=0.2", "faults.nan_prob=0.2", "faults.min_success_fraction=0.25")
+    records = run(
+        toy_yaml,
+        tmp_path / "faults",
+        "faults.failure_prob=0.2",
+        "faults.nan_prob=0.2",
+        "faults.min_success_fraction=0.25",
+    )
     failures = [f for r in records for f in r["failures"]]
     reasons = {f["reason"].split(":")[0] for f in failures}
     assert {"error", "non-finite values (NaN/Inf) in update"} <= reasons
@@ -203,14 +230,28 @@ def test_wrongly_shaped_replies_are_excluded(toy_yaml, tmp_path):
 
 
 def test_stragglers_past_the_timeout_are_dropped(toy_yaml, tmp_path):
-    records = run(toy_yaml, tmp_path / "slow", "rounds=1", "faults.straggler_prob=0.5", "faults.straggler_delay_s=0.6", "faults.client_timeout_s=0.5")
+    records = run(
+        toy_yaml,
+        tmp_path / "slow",
+        "rounds=1",
+        "faults.straggler_prob=0.5",
+        "faults.straggler_delay_s=0.6",
+        "faults.client_timeout_s=0.5",
+    )
     late = [f for f in records[0]["failures"] if f["reason"] == "no reply (timeout)"]
     assert 1 <= len(late) <= 7
     assert records[0]["strategy_metrics"]["num_succeeded"] == 8 - len(late)
 
 
 def test_round_with_too_few_successes_is_retried(toy_yaml, tmp_path):
-    records = run(toy_yaml, tmp_path / "retry", "rounds=2", "faults.failure_prob=0.6", "faults.min_success_fraction=0.5", "faults.max_round_retries=8")
+    records = run(
+        toy_yaml,
+        tmp_path / "retry",
+        "rounds=2",
+        "faults.failure_prob=0.6",
+        "faults.min_success_fraction=0.5",
+        "faults.max_round_retries=8",
+    )
     attempts = {f["attempt"] for r in records for f in r["failures"]}
     assert max(attempts) >= 1  # at least one round needed another attempt
     assert all(r["strategy_metrics"]["num_succeeded"] >= 4 for r in records)

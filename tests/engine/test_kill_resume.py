@@ -13,16 +13,26 @@ from conftest import write_scenario
 
 
 def metrics(out):
-    return [{k: v for k, v in json.loads(x).items() if k not in ("wall_s", "strategy_metrics")} for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(x).items() if k not in ("wall_s", "strategy_metrics")}
+        for x in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def fedsim(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsim.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw
+    )
 
 
 def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
     # a FedBN run (client state on disk) slow enough to be killed mid-run
-    scenario = write_scenario(tmp_path / "s.yaml", rounds=6, strategy={"name": "fedbn"}, data={"clients_per_domain": 3, "options": {"train_per_domain": 600}})
+    scenario = write_scenario(
+        tmp_path / "s.yaml",
+        rounds=6,
+        strategy={"name": "fedbn"},
+        data={"clients_per_domain": 3, "options": {"train_per_domain": 600}},
+    )
     env = {**os.environ}
     ref = tmp_path / "ref"
     assert fedsim("run", str(scenario), "--out", str(ref), env=env).wait(timeout=600) == 0

@@ -36,14 +36,21 @@ def metrics(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("strategy", [
-    ["strategy.name=fedbn", "strategy.args={fraction_train: 0.5}"],
-    ["strategy.name=ef21", "strategy.args={fraction_train: 0.5, compressor: 'randk:0.1', init: zero}"],
-    # FedWon: no normalization layers, AGC in the clients' steps
-    ["strategy.name=fedwon", "model.normalization=none", "strategy.args={agc_lambda: 1.0, fraction_train: 0.5}"],
-    # FedTiny: candidate selection through forward-only evaluate tasks, masks, pruning/growing
-    ["strategy.name=fedtiny", "strategy.args={density: 0.3, num_candidates: 2, delta_t: 1, t_end: 3, fraction_train: 0.5}"],
-], ids=["fedbn", "ef21-randk", "fedwon", "fedtiny"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["strategy.name=fedbn", "strategy.args={fraction_train: 0.5}"],
+        ["strategy.name=ef21", "strategy.args={fraction_train: 0.5, compressor: 'randk:0.1', init: zero}"],
+        # FedWon: no normalization layers, AGC in the clients' steps
+        ["strategy.name=fedwon", "model.normalization=none", "strategy.args={agc_lambda: 1.0, fraction_train: 0.5}"],
+        # FedTiny: candidate selection through forward-only evaluate tasks, masks, pruning/growing
+        [
+            "strategy.name=fedtiny",
+            "strategy.args={density: 0.3, num_candidates: 2, delta_t: 1, t_end: 3, fraction_train: 0.5}",
+        ],
+    ],
+    ids=["fedbn", "ef21-randk", "fedwon", "fedtiny"],
+)
 def test_ray_and_inline_agree(toy_yaml, tmp_path, strategy, capfd):
     common = [*strategy, "runtime.num_threads=1"]
     assert main(["run", str(toy_yaml), *common, "--out", str(tmp_path / "inline")]) == 0
@@ -73,8 +80,20 @@ def test_ray_and_inline_agree(toy_yaml, tmp_path, strategy, capfd):
 def fedsim(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``python -m fedsim.cli ARGS`` in its own session (so it has its own process group,
     as a shell job has), this checkout first on the path."""
-    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "COLUMNS": "200"}
-    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "COLUMNS": "200",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsim.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
@@ -112,7 +131,9 @@ def test_ctrl_c_ends_the_run_keeps_rounds_and_resumes(tmp_path):
     """SIGINT to the run's process group (what Ctrl-C in a terminal does) during a Ray run:
     it ends within a minute, says how to resume, keeps the finished rounds, leaves no Ray
     process, and the advised ``--resume`` finishes the run."""
-    path = write_scenario(tmp_path / "s.yaml", rounds=30, runtime={"name": "ray", "cpus_per_client": os.cpu_count() or 1})
+    path = write_scenario(
+        tmp_path / "s.yaml", rounds=30, runtime={"name": "ray", "cpus_per_client": os.cpu_count() or 1}
+    )
     out = tmp_path / "run"
     proc = fedsim("run", str(path), "--out", str(out))
     metrics = out / "metrics.jsonl"
@@ -159,17 +180,46 @@ def ray_head():
     gcs, node_manager, object_manager, client_server, agent, agent_grpc, env_agent, metrics, *workers = free_ports(16)
     env = {**os.environ, "RAY_TMPDIR": str(root)}
     argv = [
-        shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--temp-dir", str(root / "ray"),
-        "--num-cpus", "1", "--port", str(gcs), "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
-        "--ray-client-server-port", str(client_server), "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-        "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics), "--worker-port-list", ",".join(map(str, workers)),
-        "--include-dashboard", "false", "--disable-usage-stats",
+        shutil.which("ray") or str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--temp-dir",
+        str(root / "ray"),
+        "--num-cpus",
+        "1",
+        "--port",
+        str(gcs),
+        "--node-manager-port",
+        str(node_manager),
+        "--object-manager-port",
+        str(object_manager),
+        "--ray-client-server-port",
+        str(client_server),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(env_agent),
+        "--metrics-export-port",
+        str(metrics),
+        "--worker-port-list",
+        ",".join(map(str, workers)),
+        "--include-dashboard",
+        "false",
+        "--disable-usage-stats",
     ]
     try:
         started = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stderr[-3000:]
         assert (root / "ray" / "ray_current_cluster").is_file()
-        yield {"address": f"127.0.0.1:{gcs}", "env": {"RAY_TMPDIR": str(root)}, "session": (root / "ray" / "session_latest").resolve()}
+        yield {
+            "address": f"127.0.0.1:{gcs}",
+            "env": {"RAY_TMPDIR": str(root)},
+            "session": (root / "ray" / "session_latest").resolve(),
+        }
     finally:
         stop_pids(processes_with_token(os.environ[TEST_TOKEN_ENV], env=TEST_TOKEN_ENV))
         shutil.rmtree(root, ignore_errors=True)
@@ -190,7 +240,14 @@ def test_existing_cluster_private_join_and_crash(ray_head, tmp_path):
     assert gone(private.pid) == [], describe(group_members(private.pid))
 
     drivers = set((ray_head["session"] / "logs").glob("python-core-driver-*"))
-    joined = fedsim("run", str(path), f"runtime.address={ray_head['address']}", "--out", str(tmp_path / "joined"), env=ray_head["env"])
+    joined = fedsim(
+        "run",
+        str(path),
+        f"runtime.address={ray_head['address']}",
+        "--out",
+        str(tmp_path / "joined"),
+        env=ray_head["env"],
+    )
     _, err = finish(joined, timeout=300)
     assert joined.returncode == 0, err[-3000:]
     assert set((ray_head["session"] / "logs").glob("python-core-driver-*")) - drivers, "no driver joined the cluster"
@@ -198,12 +255,22 @@ def test_existing_cluster_private_join_and_crash(ray_head, tmp_path):
         json.loads(x)["accuracy"] for x in (tmp_path / "private" / "metrics.jsonl").read_text().splitlines()
     ]
 
-    crash = fedsim("run", str(path), f"runtime.address={ray_head['address']}", "runtime.cpus_per_client=2", "--out", str(tmp_path / "crash"), env=ray_head["env"])
+    crash = fedsim(
+        "run",
+        str(path),
+        f"runtime.address={ray_head['address']}",
+        "runtime.cpus_per_client=2",
+        "--out",
+        str(tmp_path / "crash"),
+        env=ray_head["env"],
+    )
     _, err = finish(crash, timeout=120)
     assert crash.returncode == 1
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"runtime ray (Ray at {ray_head['address']})" in errors[0], err[-3000:]
-    assert cluster <= set(processes_with_token(os.environ[TEST_TOKEN_ENV], env=TEST_TOKEN_ENV)), "the cluster must survive its clients"
+    assert cluster <= set(processes_with_token(os.environ[TEST_TOKEN_ENV], env=TEST_TOKEN_ENV)), (
+        "the cluster must survive its clients"
+    )
 
 
 # -- Flower's supported simulation path: flower-superlink --simulation + flwr run ----------

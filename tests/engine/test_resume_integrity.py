@@ -55,7 +55,10 @@ def reseal(folder: Path) -> None:
         data = (folder / name).read_bytes()
         entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
         if name.endswith(".safetensors"):
-            entry["arrays"] = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in sorted(load_arrays(folder / name).items())}
+            entry["arrays"] = {
+                k: {"dtype": str(v.dtype), "shape": list(v.shape)}
+                for k, v in sorted(load_arrays(folder / name).items())
+            }
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -79,7 +82,9 @@ def test_module_named_by_a_checkpoint_is_never_imported(tmp_path, monkeypatch, c
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     marker = tmp_path / "IMPORTED"
-    (plugins / "evil_hooks.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('x')\nfrom fedsim.engine.hooks import ClientHooks as Hooks\n")
+    (plugins / "evil_hooks.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('x')\nfrom fedsim.engine.hooks import ClientHooks as Hooks\n"
+    )
     monkeypatch.syspath_prepend(str(plugins))
 
     out = train(tmp_path, "sec", "rounds=3", "strategy.name=fedbn")
@@ -109,7 +114,12 @@ def test_module_named_by_a_checkpoint_is_never_imported(tmp_path, monkeypatch, c
 
 def test_generic_strategy_state_restores_only_instance_attributes():
     strategy = FedBN()
-    for scalars in ({"client_hooks": "evil_hooks:Hooks"}, {"__kind__.configure_train": "dict"}, {"__kind__.__class__": "dict"}, {"__kind__.m_t": "pickle"}):
+    for scalars in (
+        {"client_hooks": "evil_hooks:Hooks"},
+        {"__kind__.configure_train": "dict"},
+        {"__kind__.__class__": "dict"},
+        {"__kind__.m_t": "pickle"},
+    ):
         with pytest.raises(ValueError, match="strategy state"):
             load_strategy_state(strategy, {}, scalars)
     assert FedBN.client_hooks == strategy.client_hooks == "fedsim.strategies.fedbn:FedBNClient"
@@ -120,11 +130,14 @@ def test_generic_strategy_state_restores_only_instance_attributes():
 # -- scenario edited after the run started -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("old,new,named", [
-    ("clients_per_domain: 2", "clients_per_domain: 4", "data.clients_per_domain: 2 -> 4"),
-    ("width: 8", "width: 16", "model.args.width: 8 -> 16"),
-    ("name: fedavg", "name: fedbn", 'strategy.name: "fedavg" -> "fedbn"'),
-])
+@pytest.mark.parametrize(
+    "old,new,named",
+    [
+        ("clients_per_domain: 2", "clients_per_domain: 4", "data.clients_per_domain: 2 -> 4"),
+        ("width: 8", "width: 16", "model.args.width: 8 -> 16"),
+        ("name: fedavg", "name: fedbn", 'strategy.name: "fedavg" -> "fedbn"'),
+    ],
+)
 def test_resume_refuses_an_edited_scenario(tmp_path, capsys, old, new, named):
     out = train(tmp_path, "edit", "rounds=2")
     scenario = out / "scenario.yaml"
@@ -207,8 +220,18 @@ def test_metrics_line_that_is_not_a_record_is_reported(tmp_path, capsys, bad):
 
 
 def fedsim(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsim.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def hold_lock(folder: Path) -> subprocess.Popen:
@@ -244,7 +267,12 @@ def test_folder_being_written_is_refused_and_a_killed_holder_leaves_no_lock(tmp_
 
 def test_two_concurrent_resumes_never_duplicate_rounds(tmp_path):
     # slow rounds (every client straggles) so the two resumes overlap
-    scenario = write_scenario(tmp_path / "cc.yaml", rounds=1, data={"clients_per_domain": 1}, faults={"straggler_prob": 1.0, "straggler_delay_s": 0.5})
+    scenario = write_scenario(
+        tmp_path / "cc.yaml",
+        rounds=1,
+        data={"clients_per_domain": 1},
+        faults={"straggler_prob": 1.0, "straggler_delay_s": 0.5},
+    )
     out = tmp_path / "cc"
     assert main(["run", str(scenario), "--out", str(out)]) == 0
     (out / "scenario.yaml").write_text((out / "scenario.yaml").read_text().replace("rounds: 1", "rounds: 4"))

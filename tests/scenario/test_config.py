@@ -50,7 +50,11 @@ def test_unknown_strategy_argument(tmp_path):
 
 
 def test_unknown_names(tmp_path):
-    for section, value, key in [("strategy", {"name": "fedfoo"}, "strategy.name"), ("model", {"name": "vgg99"}, "model.name"), ("data", {"dataset": "imagenet-77"}, "data.dataset")]:
+    for section, value, key in [
+        ("strategy", {"name": "fedfoo"}, "strategy.name"),
+        ("model", {"name": "vgg99"}, "model.name"),
+        ("data", {"dataset": "imagenet-77"}, "data.dataset"),
+    ]:
         p = write_scenario(tmp_path / "x.yaml", **{section: value})
         assert f": {key}: unknown" in error_of(p)
 

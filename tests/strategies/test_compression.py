@@ -29,8 +29,15 @@ def _x(d: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("d", "dtype"),
-    [(1, np.uint8), (256, np.uint8), (257, np.uint16), (65536, np.uint16), (65537, np.uint32),
-     (2**32, np.uint32), (2**32 + 1, np.uint64)],
+    [
+        (1, np.uint8),
+        (256, np.uint8),
+        (257, np.uint16),
+        (65536, np.uint16),
+        (65537, np.uint32),
+        (2**32, np.uint32),
+        (2**32 + 1, np.uint64),
+    ],
 )
 def test_index_dtype_is_smallest(d: int, dtype: type) -> None:
     assert index_dtype(d) == np.dtype(dtype)
@@ -197,7 +204,10 @@ def test_qsgd_encoder_round_trip_and_byte_count(s: int, d: int) -> None:
     got_levels = c.unpack(np.frombuffer(wire[4:], dtype=np.uint8), d)
     assert got_norm == norm
     np.testing.assert_array_equal(got_levels, levels)
-    np.testing.assert_array_equal(c.decode({"norm": np.array([got_norm]), "codes": np.frombuffer(wire[4:], np.uint8)}, d), c.compress(x, np.random.default_rng(3)))
+    np.testing.assert_array_equal(
+        c.decode({"norm": np.array([got_norm]), "codes": np.frombuffer(wire[4:], np.uint8)}, d),
+        c.compress(x, np.random.default_rng(3)),
+    )
 
 
 def test_qsgd_bit_layout() -> None:

@@ -367,9 +367,7 @@ def test_econtrol_error_is_the_dropped_part() -> None:
     assert msg.nbytes == 5 * (4 + 1)  # uint8 indices for d = 40
 
 
-@pytest.mark.parametrize(
-    "comp", [TopK(count=3), RandK(count=4), ScaledSign()], ids=["topk", "randk", "sign"]
-)
+@pytest.mark.parametrize("comp", [TopK(count=3), RandK(count=4), ScaledSign()], ids=["topk", "randk", "sign"])
 @pytest.mark.parametrize("problem", [Quadratic(), Logistic()], ids=["quadratic", "logistic"])
 def test_econtrol_eta0_equals_ef21(comp: Compressor, problem: Quadratic | Logistic) -> None:
     """EControl with eta = 0 and h_i = C(g_i) at start reproduces EF21 started at g_i = C(u_i)."""

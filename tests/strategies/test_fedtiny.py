@@ -201,9 +201,18 @@ class ScriptedGrid:
             payload = record_to_numpy(msg.content["arrays"])
             n = 10 * (i + 1)
             if task == "fedtiny.profile":
-                content = RecordDict({"arrays": numpy_to_record({}), "metrics": MetricRecord({"num-examples": 1, "pos.features.0.weight": 256})})
+                content = RecordDict(
+                    {
+                        "arrays": numpy_to_record({}),
+                        "metrics": MetricRecord({"num-examples": 1, "pos.features.0.weight": 256}),
+                    }
+                )
             elif task == "fedtiny.bnstats":
-                stats = {k.replace("features.0.weight" + VAL, "features.1.running_mean"): np.full(8, float(i), np.float32) for k in payload if k.endswith("features.0.weight" + VAL)}
+                stats = {
+                    k.replace("features.0.weight" + VAL, "features.1.running_mean"): np.full(8, float(i), np.float32)
+                    for k in payload
+                    if k.endswith("features.0.weight" + VAL)
+                }
                 content = RecordDict({"arrays": numpy_to_record(stats), "metrics": MetricRecord({"num-examples": n})})
             else:
                 # averaged statistics arrive with the candidates: (0*10 + 1*20 + 2*30) / 60
@@ -224,7 +233,9 @@ def test_selection_picks_the_lowest_loss_candidate():
     cands = [magnitude_masks(arrays, d) for d in strategy.candidate_densities(shapes)]
     assert len({tuple(int(m.sum()) for m in c.values()) for c in cands}) == 4  # 4 different candidates
     best, bn = strategy.select_candidate(grid, [0, 1, 2], arrays, cands, ConfigRecord({}), 1)
-    assert best == 2 and strategy.candidate_losses == pytest.approx([0.9 + 0.8 / 60, 0.7 + 0.8 / 60, 0.3 + 0.8 / 60, 0.8 + 0.8 / 60])
+    assert best == 2 and strategy.candidate_losses == pytest.approx(
+        [0.9 + 0.8 / 60, 0.7 + 0.8 / 60, 0.3 + 0.8 / 60, 0.8 + 0.8 / 60]
+    )
     np.testing.assert_allclose(bn["features.1.running_mean"], np.full(8, 80 / 60), rtol=1e-6)
     assert grid.tasks == ["fedtiny.bnstats"] * 3 + ["fedtiny.loss"] * 3
     # through configure_train of round 1: the winner's masks become the model's masks
@@ -263,7 +274,13 @@ def test_aggregation_keeps_pruned_weights_zero_and_prune_grow_keeps_density():
                         p[key + GIDX] = inactive[: grow[key]].astype(np.uint32)
                         p[key + GVAL] = rng.normal(0, 1, grow[key]).astype(np.float32)
                 # (dense keys unchanged)
-            msg = Message(RecordDict({"arrays": numpy_to_record(p), "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})}), dst_node_id=i, message_type="train")
+            msg = Message(
+                RecordDict(
+                    {"arrays": numpy_to_record(p), "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0})}
+                ),
+                dst_node_id=i,
+                message_type="train",
+            )
             msg.metadata.__dict__["_message_id"] = f"x{i}"
             out.append(Message(msg.content, reply_to=msg))
         return out
@@ -278,7 +295,9 @@ def test_aggregation_keeps_pruned_weights_zero_and_prune_grow_keeps_density():
     # round 2 is a prune-and-grow step
     list(s.configure_train(2, numpy_to_record(new), ConfigRecord({}), grid))
     grow = s._grow
-    assert grow and all(k == math.floor(cosine_fraction(2, 10, 0.4) * int(masks0[key].sum())) for key, k in grow.items())
+    assert grow and all(
+        k == math.floor(cosine_fraction(2, 10, 0.4) * int(masks0[key].sum())) for key, k in grow.items()
+    )
     counts = {k: int(m.sum()) for k, m in s.masks.items()}
     new2, metrics2 = s.aggregate_train(2, replies(grow))
     new2 = record_to_numpy(new2)
@@ -309,11 +328,17 @@ def test_prune_and_grow_drops_smallest_and_grows_largest_gradient():
 
 
 def masks_from_checkpoint(folder: Path) -> dict[str, np.ndarray]:
-    return {k[5:]: v.astype(bool) for k, v in load_arrays(folder / "strategy.safetensors").items() if k.startswith("mask/")}
+    return {
+        k[5:]: v.astype(bool) for k, v in load_arrays(folder / "strategy.safetensors").items() if k.startswith("mask/")
+    }
 
 
 def test_fedtiny_end_to_end_masks_selection_bytes(tmp_path):
-    sc = write_scenario(tmp_path / "tiny.yaml", rounds=4, strategy={"name": "fedtiny", "args": {"density": 0.2, "num_candidates": 3, "delta_t": 2, "t_end": 4}})
+    sc = write_scenario(
+        tmp_path / "tiny.yaml",
+        rounds=4,
+        strategy={"name": "fedtiny", "args": {"density": 0.2, "num_candidates": 3, "delta_t": 2, "t_end": 4}},
+    )
     out = tmp_path / "tiny"
     # record each round's masks from the checkpoints (fedsim keeps the last two)
     seen: dict[int, dict[str, np.ndarray]] = {}
@@ -360,7 +385,11 @@ def final_masks(ck) -> dict[str, np.ndarray]:
 
 
 def test_fedtiny_resume_restores_masks_and_selection(tmp_path):
-    sc = write_scenario(tmp_path / "tiny.yaml", rounds=4, strategy={"name": "fedtiny", "args": {"density": 0.2, "num_candidates": 2, "delta_t": 2, "t_end": 6}})
+    sc = write_scenario(
+        tmp_path / "tiny.yaml",
+        rounds=4,
+        strategy={"name": "fedtiny", "args": {"density": 0.2, "num_candidates": 2, "delta_t": 2, "t_end": 6}},
+    )
     full = run(sc, tmp_path / "full")
     part = tmp_path / "part"
     run(sc, part)
@@ -371,7 +400,11 @@ def test_fedtiny_resume_restores_masks_and_selection(tmp_path):
     resumed = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
 
     def strip(records):
-        return [{k: v for k, v in r.items() if k != "wall_s"} | {"strategy_metrics": {k: v for k, v in r["strategy_metrics"].items() if k != "client_wall_s"}} for r in records]
+        return [
+            {k: v for k, v in r.items() if k != "wall_s"}
+            | {"strategy_metrics": {k: v for k, v in r["strategy_metrics"].items() if k != "client_wall_s"}}
+            for r in records
+        ]
 
     assert strip(resumed) == strip(full)
     assert resumed[3]["strategy_metrics"]["mask_changed"] > 0  # round 4 grew with restored masks

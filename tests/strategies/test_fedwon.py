@@ -66,7 +66,9 @@ def test_scaled_ws_weight_has_zero_mean_and_fixed_scale_per_channel():
     w = conv.standardized_weight().detach().flatten(1)
     torch.testing.assert_close(w.mean(1), torch.zeros(6), atol=1e-6, rtol=0)
     # population std of W_hat[i] = gamma / sqrt(N)
-    torch.testing.assert_close(w.std(1, unbiased=False), torch.full((6,), RELU_GAMMA / math.sqrt(4 * 9)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        w.std(1, unbiased=False), torch.full((6,), RELU_GAMMA / math.sqrt(4 * 9)), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name,size", [("cnn-small", 16), ("fedbn-cnn", 16), ("resnet18", 16)])
@@ -81,14 +83,24 @@ def test_normalization_none_removes_every_norm_layer_and_nothing_else(name, size
     assert convs_free and all(isinstance(m, ScaledWSConv2d) for m in convs_free)
     assert not any(isinstance(m, ScaledWSConv2d) for m in convs_bn)
     # same convolutions (shape, stride, padding), same linear layers (plain), same order
-    assert [(m.weight.shape, m.stride, m.padding, m.bias is None) for m in convs_free] == [(m.weight.shape, m.stride, m.padding, m.bias is None) for m in convs_bn]
+    assert [(m.weight.shape, m.stride, m.padding, m.bias is None) for m in convs_free] == [
+        (m.weight.shape, m.stride, m.padding, m.bias is None) for m in convs_bn
+    ]
     lin_free = [m.weight.shape for m in free.modules() if isinstance(m, nn.Linear)]
     lin_bn = [m.weight.shape for m in bn.modules() if isinstance(m, nn.Linear)]
     assert lin_free == lin_bn
     assert all(type(m) is nn.Linear for m in free.modules() if isinstance(m, nn.Linear))
+
     # the other layers (activations, pooling, ...) are the same types in the same order
     def others(model):
-        return [type(m).__name__ for m in model.modules() if not isinstance(m, (nn.Conv2d, nn.Identity, nn.Sequential)) and not is_norm_layer(m) and len(list(m.children())) == 0]
+        return [
+            type(m).__name__
+            for m in model.modules()
+            if not isinstance(m, (nn.Conv2d, nn.Identity, nn.Sequential))
+            and not is_norm_layer(m)
+            and len(list(m.children())) == 0
+        ]
+
     assert others(free) == others(bn)
     out = free(torch.rand(2, 3, size, size))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
@@ -152,7 +164,11 @@ def test_agc_conv_units_and_vectors():
 
 def test_agc_hooks_read_config_and_compose():
     assert agc_settings({}) == (0.0, 1e-3, ())
-    assert agc_settings({"fedsim.agc.lambda": 0.2, "fedsim.agc.exclude": "classifier.4, x"}) == (0.2, 1e-3, ("classifier.4", "x"))
+    assert agc_settings({"fedsim.agc.lambda": 0.2, "fedsim.agc.exclude": "classifier.4, x"}) == (
+        0.2,
+        1e-3,
+        ("classifier.4", "x"),
+    )
     model = build_model("cnn-small", 4, 3, 16, "none", {"width": 8}, seed=0)
     F.cross_entropy(model(torch.rand(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3])).mul(1e4).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -201,7 +217,12 @@ def test_fedwon_strategy_settings_and_bn_check():
 
 
 def test_fedwon_end_to_end_learns_on_toy(tmp_path):
-    sc = write_scenario(tmp_path / "won.yaml", rounds=3, model={"normalization": "none"}, strategy={"name": "fedwon", "args": {"agc_lambda": 0.5}})
+    sc = write_scenario(
+        tmp_path / "won.yaml",
+        rounds=3,
+        model={"normalization": "none"},
+        strategy={"name": "fedwon", "args": {"agc_lambda": 0.5}},
+    )
     records = run(sc, tmp_path / "won")
     assert records[-1]["accuracy"] > 0.6
     model = build_model("cnn-small", 4, 3, 16, "none", {"width": 8})

@@ -35,7 +35,9 @@ def scenario(strategy: str, args: dict | None = None, rounds: int = 2, **extra):
     return build_scenario(raw, "test")
 
 
-def run(out: Path, strategy: str, args: dict | None = None, rounds: int = 2, resume: bool = False, **extra) -> list[dict]:
+def run(
+    out: Path, strategy: str, args: dict | None = None, rounds: int = 2, resume: bool = False, **extra
+) -> list[dict]:
     sc = scenario(strategy, args, rounds, **extra)
     folder = RunFolder(out) if resume else RunFolder.create(out, sc)
     experiment = new_run(sc, folder, resume=resume)
@@ -55,13 +57,18 @@ def client_states(out: Path, n: int) -> dict[int, dict[str, np.ndarray]]:
     """Each client's newest ``ef`` state file (absent clients are left out)."""
     out_states = {}
     for cid in range(n):
-        files = sorted((out / "clients" / str(cid)).glob("ef.r*.safetensors"), key=lambda p: int(p.name.split(".r")[1].split(".")[0]))
+        files = sorted(
+            (out / "clients" / str(cid)).glob("ef.r*.safetensors"),
+            key=lambda p: int(p.name.split(".r")[1].split(".")[0]),
+        )
         if files:
             out_states[cid] = load_arrays(files[-1])
     return out_states
 
 
-def server_believed(states: dict[int, dict[str, np.ndarray]], accepted: np.ndarray, name: str, d: int) -> dict[int, np.ndarray]:
+def server_believed(
+    states: dict[int, dict[str, np.ndarray]], accepted: np.ndarray, name: str, d: int
+) -> dict[int, np.ndarray]:
     """The buffer of each client that the server's aggregate contains (acc vs new by ack)."""
     out = {}
     for cid in range(accepted.size):
@@ -87,7 +94,9 @@ def test_identity_compression_equals_fedavg(tmp_path):
         arrays = final_arrays(tmp_path / name)
         assert set(arrays) == set(ref_arrays)
         for k, v in ref_arrays.items():
-            np.testing.assert_allclose(arrays[k].astype(np.float64), v.astype(np.float64), rtol=1e-4, atol=2e-5, err_msg=f"{name}: {k}")
+            np.testing.assert_allclose(
+                arrays[k].astype(np.float64), v.astype(np.float64), rtol=1e-4, atol=2e-5, err_msg=f"{name}: {k}"
+            )
         for a, b in zip(recs, ref):
             assert abs(a["accuracy"] - b["accuracy"]) < 0.02
         # the uplink payload is the dense model: same bytes as FedAvg

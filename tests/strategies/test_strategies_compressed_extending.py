@@ -69,7 +69,10 @@ def test_ef14_from_the_docs_runs_end_to_end(doc_modules, tmp_path):
     # weights are uniform too)
     a = run(tmp_path / "ef14-id", "ef14", {"compressor": "identity"}, rounds=2)
     b = run(tmp_path / "plain-id", "compressed", {"compressor": "identity"}, rounds=2)
-    xa, xb = load_latest(tmp_path / "ef14-id" / "checkpoints").arrays, load_latest(tmp_path / "plain-id" / "checkpoints").arrays
+    xa, xb = (
+        load_latest(tmp_path / "ef14-id" / "checkpoints").arrays,
+        load_latest(tmp_path / "plain-id" / "checkpoints").arrays,
+    )
     for k in xb:
         np.testing.assert_allclose(xa[k].astype(np.float64), xb[k].astype(np.float64), rtol=1e-5, atol=1e-6, err_msg=k)
     assert [r["accuracy"] for r in a] == pytest.approx([r["accuracy"] for r in b], abs=1e-6)

@@ -86,7 +86,11 @@ def drive(strategy, tmp_path, rounds=range(1, ROUNDS + 1), arrays=None):
     log = []
     for rnd in rounds:
         random.seed(f"replay/{rnd}")
-        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord({HOOKS_KEY: strategy.client_hooks, **strategy.client_config}), FakeGrid()))
+        msgs = list(
+            strategy.configure_train(
+                rnd, arrays, ConfigRecord({HOOKS_KEY: strategy.client_hooks, **strategy.client_config}), FakeGrid()
+            )
+        )
         replies, sampled = [], []
         for m in msgs:
             cid = int(m.metadata.dst_node_id)
@@ -110,7 +114,9 @@ def drive(strategy, tmp_path, rounds=range(1, ROUNDS + 1), arrays=None):
             sampled.append(cid)
             if (rnd, cid) in DROP:
                 continue
-            content = RecordDict({"arrays": numpy_to_record(reply), "metrics": MetricRecord({"num-examples": 10 + cid})})
+            content = RecordDict(
+                {"arrays": numpy_to_record(reply), "metrics": MetricRecord({"num-examples": 10 + cid})}
+            )
             replies.append(Message(content, reply_to=m))
         arrays, metrics = strategy.aggregate_train(rnd, replies)
         log.append((rnd, sorted(sampled), dict(metrics)))
@@ -139,7 +145,11 @@ def reference(method, up, down, log, kw, W0):
                     msg, new = ef21_init_client(u, None, rng, scale=scale, momentum=bool(mom))
                 else:
                     st = clients.get(cid) or EF21ClientState.zeros(d, momentum=bool(mom))
-                    msg, new = ef21_sgdm_client_step(st, u, up, mom, rng, scale=scale) if mom else ef21_client_step(st, u, up, rng, scale=scale)
+                    msg, new = (
+                        ef21_sgdm_client_step(st, u, up, mom, rng, scale=scale)
+                        if mom
+                        else ef21_client_step(st, u, up, rng, scale=scale)
+                    )
             else:
                 if init:
                     msg, new = econtrol_init_client(u)
@@ -168,7 +178,17 @@ def reference(method, up, down, log, kw, W0):
 
 CASES = [
     ("ef21", EF21, {"compressor": "topk:0.1", "fraction_train": 0.5}),
-    ("ef21", EF21, {"compressor": "randk:0.2", "fraction_train": 0.5, "momentum": 0.3, "smoothness": [1, 2, 3, 1, 2, 3], "server_lr": 0.7}),
+    (
+        "ef21",
+        EF21,
+        {
+            "compressor": "randk:0.2",
+            "fraction_train": 0.5,
+            "momentum": 0.3,
+            "smoothness": [1, 2, 3, 1, 2, 3],
+            "server_lr": 0.7,
+        },
+    ),
     ("ef21", EF21, {"compressor": "sign", "downlink": "topk:0.3", "fraction_train": 0.5, "init": "zero"}),
     ("econtrol", EControl, {"compressor": "topk:0.1", "fraction_train": 0.5, "eta": 0.2}),
     ("econtrol", EControl, {"compressor": "topk:0.1", "downlink": "qsgd:8", "fraction_train": 0.67, "eta": 0.05}),
@@ -179,14 +199,26 @@ CASES = [
 @pytest.mark.parametrize("method,cls,kw", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_strategy_replays_reference(tmp_path, method, cls, kw):
     strategy = cls(**kw)
-    W0, _ = flatten({k: v.numpy() for k, v in sorted(Tiny().state_dict().items()) if k in split_keys({a: b.numpy() for a, b in Tiny().state_dict().items()})[0]})
+    W0, _ = flatten(
+        {
+            k: v.numpy()
+            for k, v in sorted(Tiny().state_dict().items())
+            if k in split_keys({a: b.numpy() for a, b in Tiny().state_dict().items()})[0]
+        }
+    )
     arrays, log = drive(strategy, tmp_path)
-    assert all(len(s) == max(int(N * kw["fraction_train"]), 1) for r, s, _ in log if not (r == 1 and method != "none" and kw.get("init", "full") == "full"))
+    assert all(
+        len(s) == max(int(N * kw["fraction_train"]), 1)
+        for r, s, _ in log
+        if not (r == 1 and method != "none" and kw.get("init", "full") == "full")
+    )
     assert any((3, 2) == (r, c) for r, s, _ in log for c in s), "the dropped client must have been sampled"
     named = record_to_numpy(arrays)
     comp, dense = split_keys(named)
     W, _ = flatten({k: named[k] for k in comp})
-    W_ref, srv_ref = reference(method, make_compressor(kw["compressor"]), make_compressor(kw.get("downlink", "identity")), log, kw, W0)
+    W_ref, srv_ref = reference(
+        method, make_compressor(kw["compressor"]), make_compressor(kw.get("downlink", "identity")), log, kw, W0
+    )
     np.testing.assert_allclose(W, W_ref, rtol=1e-6, atol=1e-7)
     if method != "none":
         np.testing.assert_allclose(strategy._srv["g" if method == "ef21" else "h"], srv_ref, rtol=1e-6, atol=1e-7)

@@ -18,7 +18,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedsim.cli import main
 
-ADAPT = {"adapters": ["source", "tbn"], "stream": {"corruptions": ["gaussian_noise"], "severities": [3], "batch_size": 16, "samples_per_shift": 32}, "edges": [0, 1]}
+ADAPT = {
+    "adapters": ["source", "tbn"],
+    "stream": {"corruptions": ["gaussian_noise"], "severities": [3], "batch_size": 16, "samples_per_shift": 32},
+    "edges": [0, 1],
+}
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -42,7 +46,13 @@ def expected_rounds(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """The series each record must give (written out here, not taken from fedsim.tracking)."""
     out: dict[str, list[tuple[int, float]]] = {}
     for r in records:
-        pairs = {"eval/accuracy": r["accuracy"], "eval/loss": r["loss"], "train/loss": r["train_loss"], "bytes/up": r["bytes_up"], "bytes/down_total": r["bytes_down_total"]}
+        pairs = {
+            "eval/accuracy": r["accuracy"],
+            "eval/loss": r["loss"],
+            "train/loss": r["train_loss"],
+            "bytes/up": r["bytes_up"],
+            "bytes/down_total": r["bytes_down_total"],
+        }
         pairs.update({f"eval/domain/{d}": a for d, a in r["per_domain"].items()})
         for tag, value in pairs.items():
             out.setdefault(tag, []).append((r["round"], value))
@@ -62,7 +72,9 @@ def test_tensorboard_holds_each_round_of_metrics_jsonl(tmp_path: Path) -> None:
     got = scalars(out / "tensorboard")
     assert_series(got, expected_rounds(records))
     assert len(records[0]["per_domain"]) == 4 and len(records[0]["per_client"]) == 8  # toy: 4 domains x 2 clients
-    assert_series(got, {f"eval/client/{c}": [(r["round"], r["per_client"][c]) for r in records] for c in records[0]["per_client"]})
+    assert_series(
+        got, {f"eval/client/{c}": [(r["round"], r["per_client"][c]) for r in records] for c in records[0]["per_client"]}
+    )
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     hparams = acc.PluginTagToContent("hparams")  # the scenario in TensorBoard's HPARAMS tab
@@ -97,7 +109,15 @@ def test_resume_keeps_one_value_per_step(tmp_path: Path) -> None:
 
 
 def test_tensorboard_holds_each_adaptation_batch(tmp_path: Path) -> None:
-    out = run(tmp_path, "ad", rounds=1, data={"clients_per_domain": 1}, strategy={"name": "fedbn"}, adaptation=ADAPT, tracking={"tensorboard": True})
+    out = run(
+        tmp_path,
+        "ad",
+        rounds=1,
+        data={"clients_per_domain": 1},
+        strategy={"name": "fedbn"},
+        adaptation=ADAPT,
+        tracking={"tensorboard": True},
+    )
     rows = jsonl(out / "adaptation.jsonl")
     got = scalars(out / "tensorboard" / "adaptation")
     want: dict[str, list[tuple[int, float]]] = {}
@@ -119,7 +139,10 @@ def test_fedsim_adapt_tracks_into_its_folder(tmp_path: Path) -> None:
     rows = jsonl(out / "adaptation.jsonl")
     got = scalars(out / "tensorboard" / "adaptation")
     r = rows[-1]
-    assert got[f"adaptation/{r['adapter']}/edge{r['edge']}/seed{r['seed']}/accuracy"][-1] == (r["batch"], pytest.approx(r["accuracy"]))
+    assert got[f"adaptation/{r['adapter']}/edge{r['edge']}/seed{r['seed']}/accuracy"][-1] == (
+        r["batch"],
+        pytest.approx(r["accuracy"]),
+    )
 
 
 @pytest.mark.parametrize(
@@ -131,7 +154,9 @@ def test_fedsim_adapt_tracks_into_its_folder(tmp_path: Path) -> None:
         ({"tensorbord": True}, "tracking.tensorbord: unknown key (did you mean 'tensorboard'?)"),
     ],
 )
-def test_bad_tracking_is_one_line_and_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture, tracking: dict, message: str) -> None:
+def test_bad_tracking_is_one_line_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, tracking: dict, message: str
+) -> None:
     out = tmp_path / "bad"
     assert main(["run", str(write_scenario(tmp_path / "bad.yaml", tracking=tracking)), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
@@ -139,7 +164,9 @@ def test_bad_tracking_is_one_line_and_creates_nothing(tmp_path: Path, capsys: py
     assert not out.exists()
 
 
-def test_missing_backend_names_the_extra(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_backend_names_the_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import importlib.util
 
     real = importlib.util.find_spec
@@ -164,11 +191,18 @@ def test_mlflow_file_store_holds_rounds_and_resume_adds_none_twice(tmp_path: Pat
     client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
 
     def history() -> dict[str, list[tuple[int, float]]]:
-        return {k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in client.get_run(run_id).data.metrics}
+        return {
+            k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)]
+            for k in client.get_run(run_id).data.metrics
+        }
 
     assert_series(history(), expected_rounds(jsonl(out / "metrics.jsonl")))
     info = client.get_run(run_id)
-    assert info.info.status == "FINISHED" and info.data.params["strategy.name"] == "fedavg" and info.data.params["rounds"] == "3"
+    assert (
+        info.info.status == "FINISHED"
+        and info.data.params["strategy.name"] == "fedavg"
+        and info.data.params["rounds"] == "3"
+    )
     assert client.get_experiment(info.info.experiment_id).name == "ml"
     shutil.rmtree(out / "checkpoints" / "round_00003")
     (out / "scenario.yaml").write_text((out / "scenario.yaml").read_text().replace("rounds: 3", "rounds: 4"))
@@ -202,7 +236,9 @@ def wandb_history(run_file: Path) -> list[dict]:
         if kind in (1, 4):
             record = wandb_internal_pb2.Record.FromString(pending)
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows
 
 

@@ -63,22 +63,37 @@ def fedavg_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         ({**ADAPT, "stream": {**STREAM, "batch_size": 0}}, "adaptation.stream.batch_size: must be >= 1 (got 0)"),
         ({**ADAPT, "stream": {**STREAM, "dirichlet_delta": -0.1}}, "adaptation.stream.dirichlet_delta: must be >= 0"),
-        ({**ADAPT, "stream": {**STREAM, "severities": [7]}}, "adaptation.stream.severities: severities must be in 1..5"),
+        (
+            {**ADAPT, "stream": {**STREAM, "severities": [7]}},
+            "adaptation.stream.severities: severities must be in 1..5",
+        ),
         ({**ADAPT, "stream": {**STREAM, "protocol": "shuffled"}}, "adaptation.stream.protocol: must be one of"),
-        ({**ADAPT, "stream": {**STREAM, "corruptions": ["rain"]}}, "adaptation.stream.corruptions: unknown corruption 'rain'"),
+        (
+            {**ADAPT, "stream": {**STREAM, "corruptions": ["rain"]}},
+            "adaptation.stream.corruptions: unknown corruption 'rain'",
+        ),
         ({**ADAPT, "stream": {"shifts": ["fog"]}}, "adaptation.stream.shifts: 'fog' needs a severity"),
         ({**ADAPT, "stream": {"batch_size": 4}}, "adaptation.stream.corruptions: give stream.corruptions"),
-        ({**ADAPT, "stream": {**STREAM, "shifts": ["fog@2"]}}, "adaptation.stream.corruptions: give stream.corruptions or stream.shifts, not both"),
+        (
+            {**ADAPT, "stream": {**STREAM, "shifts": ["fog@2"]}},
+            "adaptation.stream.corruptions: give stream.corruptions or stream.shifts, not both",
+        ),
         ({**ADAPT, "stream": {**STREAM, "colour": 1}}, "adaptation.stream.colour: unknown key"),
         ({**ADAPT, "edges": "some"}, "adaptation.edges: must be all or a list of client ids"),
         ({**ADAPT, "edges": [1, 1]}, "adaptation.edges: client ids must be distinct"),
         ({**ADAPT, "model": "mine"}, "adaptation.model: must be one of"),
         ({**ADAPT, "adapters": ["tbn", "nope"]}, "adaptation.adapters.1.name: unknown adapter 'nope'"),
-        ({**ADAPT, "adapters": [{"name": "alpha_bn", "args": {"alpha": 1}}]}, "adaptation.adapters.0.args: unknown setting 'alpha' of adapter 'alpha_bn'"),
+        (
+            {**ADAPT, "adapters": [{"name": "alpha_bn", "args": {"alpha": 1}}]},
+            "adaptation.adapters.0.args: unknown setting 'alpha' of adapter 'alpha_bn'",
+        ),
         ({**ADAPT, "adapters": ["tbn", "tbn"]}, "adaptation.adapters: labels must be distinct"),
         ({**ADAPT, "adapter": "tbn"}, "adaptation.adapters: give adapter or adapters, not both"),
         ({"stream": STREAM}, "adaptation.adapters: give adapter (one) or adapters (a list)"),
-        ({"adapter": {"name": "cema", "args": {"foundation": "x"}}, "stream": STREAM}, "adaptation.adapter.args: 'foundation' is set by fedsim"),
+        (
+            {"adapter": {"name": "cema", "args": {"foundation": "x"}}, "stream": STREAM},
+            "adaptation.adapter.args: 'foundation' is set by fedsim",
+        ),
         ({**ADAPT, "foundation": {"epochs": 0}}, "adaptation.foundation.epochs: must be >= 1"),
         ({**ADAPT, "stream": {**STREAM, "seeds": []}}, "adaptation.stream.seeds: give at least one seed"),
     ],
@@ -93,15 +108,30 @@ def test_config_errors_name_file_and_dotted_key(tmp_path: Path, adaptation: dict
 
 
 def test_config_defaults_and_shorthands() -> None:
-    cfg = AdaptationConfig.model_validate({"adapter": "tbn", "stream": {"corruptions": ["fog", "contrast"], "severities": [1, 5]}})
+    cfg = AdaptationConfig.model_validate(
+        {"adapter": "tbn", "stream": {"corruptions": ["fog", "contrast"], "severities": [1, 5]}}
+    )
     assert [s.name for s in cfg.adapter_specs()] == ["tbn"]
     assert cfg.stream.shift_names() == ["fog@1", "fog@5", "contrast@1", "contrast@5"]
     assert cfg.edges == "all" and cfg.model == "auto" and cfg.reset == "auto"
-    gradual = AdaptationConfig.model_validate({"adapter": "tbn", "stream": {"protocol": "gradual", "corruptions": ["fog"]}})
+    gradual = AdaptationConfig.model_validate(
+        {"adapter": "tbn", "stream": {"protocol": "gradual", "corruptions": ["fog"]}}
+    )
     assert gradual.stream.shift_names() == ["fog"]
-    custom = AdaptationConfig.model_validate({"adapter": {"name": "fedsim.adapters.tbn:TBN"}, "stream": {"shifts": ["clean", "fog@2"]}})
+    custom = AdaptationConfig.model_validate(
+        {"adapter": {"name": "fedsim.adapters.tbn:TBN"}, "stream": {"shifts": ["clean", "fog@2"]}}
+    )
     assert custom.adapter_specs()[0].display == "TBN"  # an import path is labelled by its class name
-    labelled = AdaptationConfig.model_validate({"adapters": ["tbn", {"name": "fedsim.adapters.tbn.TBN", "label": "mine"}, {"name": "fedsim.adapters.tent:Tent"}], "stream": {"shifts": ["clean"]}})
+    labelled = AdaptationConfig.model_validate(
+        {
+            "adapters": [
+                "tbn",
+                {"name": "fedsim.adapters.tbn.TBN", "label": "mine"},
+                {"name": "fedsim.adapters.tent:Tent"},
+            ],
+            "stream": {"shifts": ["clean"]},
+        }
+    )
     assert [s.display for s in labelled.adapter_specs()] == ["tbn", "mine", "Tent"]
     assert Scenario.model_validate({}).adaptation is None
 
@@ -113,7 +143,10 @@ def test_personalized_deployment_uses_the_clients_local_bn(fedbn_run: Path) -> N
     mr = open_model_run(fedbn_run)
     ckpt = load_latest(fedbn_run / "checkpoints")
     for cid in (0, 2):
-        files = sorted((fedbn_run / "clients" / str(cid)).glob("local.r*.safetensors"), key=lambda p: int(p.name.split(".r")[1].split(".")[0]))
+        files = sorted(
+            (fedbn_run / "clients" / str(cid)).glob("local.r*.safetensors"),
+            key=lambda p: int(p.name.split(".r")[1].split(".")[0]),
+        )
         local = load_arrays(files[-1])
         model, info = deploy_model(mr, cid, "personalized")
         sd = model.state_dict()
@@ -124,7 +157,9 @@ def test_personalized_deployment_uses_the_clients_local_bn(fedbn_run: Path) -> N
         for k in set(sd) - keys:  # everything else is the global model
             assert torch.equal(sd[k], torch.from_numpy(ckpt.arrays[k]).reshape(sd[k].shape).to(sd[k].dtype)), k
         # the local BN differs from the global model's (FedBN never averages it) and between clients
-        assert any(not np.allclose(local[k], ckpt.arrays[k].reshape(local[k].shape)) for k in keys if "running_mean" in k)
+        assert any(
+            not np.allclose(local[k], ckpt.arrays[k].reshape(local[k].shape)) for k in keys if "running_mean" in k
+        )
     m0, _ = deploy_model(mr, 0, "personalized")
     m2, _ = deploy_model(mr, 2, "personalized")
     k = next(k for k in norm_state_keys(m0) if k.endswith("running_mean"))
@@ -148,7 +183,10 @@ def test_personalized_needs_local_state(fedavg_run: Path) -> None:
 
 
 def test_fedsim_adapt_end_to_end(fedbn_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    scen = write(tmp_path / "adapt.yaml", {"name": "tiny", "adaptation": {**ADAPT, "model": "personalized", "stream": {**STREAM, "seeds": [0, 1]}}})
+    scen = write(
+        tmp_path / "adapt.yaml",
+        {"name": "tiny", "adaptation": {**ADAPT, "model": "personalized", "stream": {**STREAM, "seeds": [0, 1]}}},
+    )
     out = tmp_path / "out"
     assert main(["adapt", str(scen), "--model", str(fedbn_run), "--out", str(out)]) == 0
     for name in ("adaptation.jsonl", "adaptation_summary.json", "adaptation.png", "adaptation.yaml"):
@@ -162,7 +200,10 @@ def test_fedsim_adapt_end_to_end(fedbn_run: Path, tmp_path: Path, capsys: pytest
     assert summary["deployed"]["0"]["deployed"] == "personalized" and summary["seeds"] == [0, 1]
     assert summary["title"] == "tiny: online accuracy, model of toyfedbn (fedbn, 2 rounds, seed 0)"  # the plot's title
     res = summary["results"]["tbn"]
-    assert set(res["per_edge"]) == {"0", "2"} and [s["shift"] for s in res["per_shift"]] == ["gaussian_noise@3", "contrast@3"]
+    assert set(res["per_edge"]) == {"0", "2"} and [s["shift"] for s in res["per_shift"]] == [
+        "gaussian_noise@3",
+        "contrast@3",
+    ]
     assert 0.0 <= res["error"] <= 1.0 and res["seconds_per_batch"] > 0
     rec = summary["streams"]["edge0/seed0"]
     assert rec["samples"] == 48 and rec["reset_on_new_shift"] is False and rec["protocol"] == "continual"
@@ -204,15 +245,26 @@ def test_fedsim_adapt_bad_input(fedbn_run: Path, tmp_path: Path, capsys: pytest.
     err = capsys.readouterr().err.strip()
     assert err == f"error: {far}: adaptation.edges: client 9 does not exist (the run has clients 0..3)"
     assert not (tmp_path / "far").exists()
-    dom = write(tmp_path / "dom.yaml", {"name": "dom", "adaptation": {**ADAPT, "stream": {"shifts": ["clean", "purple"]}}})
+    dom = write(
+        tmp_path / "dom.yaml", {"name": "dom", "adaptation": {**ADAPT, "stream": {"shifts": ["clean", "purple"]}}}
+    )
     assert main(["adapt", str(dom), "--model", str(fedbn_run), "--out", str(tmp_path / "dom")]) == 2
     assert "adaptation.stream.shifts: 'purple' is neither" in capsys.readouterr().err
 
 
 def test_fedsim_run_with_adaptation_runs_both_phases(tmp_path: Path) -> None:
     adaptation = {
-        "adapters": ["tbn", {"name": "cema", "args": {"warmup_samples": 16, "cloud_batch": 8}}, {"name": "cema", "label": "cema-all", "args": {"upload_all": True, "cloud_batch": 8}}],
-        "stream": {"shifts": ["clean", "fog@3", "green"], "batch_size": 8, "samples_per_shift": 24, "protocol": "reset-each-shift"},
+        "adapters": [
+            "tbn",
+            {"name": "cema", "args": {"warmup_samples": 16, "cloud_batch": 8}},
+            {"name": "cema", "label": "cema-all", "args": {"upload_all": True, "cloud_batch": 8}},
+        ],
+        "stream": {
+            "shifts": ["clean", "fog@3", "green"],
+            "batch_size": 8,
+            "samples_per_shift": 24,
+            "protocol": "reset-each-shift",
+        },
         "edges": [1],
         "foundation": {"epochs": 1, "args": {"width": 8}},
     }
@@ -230,8 +282,14 @@ def test_fedsim_run_with_adaptation_runs_both_phases(tmp_path: Path) -> None:
     comm = summary["results"]["cema-all"]["communication"]
     model, _ = deploy_model(open_model_run(out), 1)
     bn_channels = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
-    stats_bytes = 3 * 2 * bn_channels * 4  # TBR: the first batch's float32 mean and var, uploaded once per shift (3 resets)
-    assert comm["upload_fraction"] == 1.0 and comm["bytes_up_total"] == 72 * 3 * 16 * 16 + stats_bytes and comm["bytes_down_total"] > 0
+    stats_bytes = (
+        3 * 2 * bn_channels * 4
+    )  # TBR: the first batch's float32 mean and var, uploaded once per shift (3 resets)
+    assert (
+        comm["upload_fraction"] == 1.0
+        and comm["bytes_up_total"] == 72 * 3 * 16 * 16 + stats_bytes
+        and comm["bytes_down_total"] > 0
+    )
     assert 0.0 <= summary["results"]["cema"]["communication"]["upload_fraction"] <= 1.0
     assert "communication" not in summary["results"]["tbn"]
     foundation = summary["foundation"]
@@ -251,8 +309,17 @@ def test_cifar10c_streams_read_the_files(tmp_path: Path) -> None:
     write_cifar10c(tmp_path, corruptions=("gaussian_noise", "fog"), n=20)
     scenario = Scenario.model_validate(
         {
-            "data": {"dataset": "cifar10c", "root": str(tmp_path), "image_size": 32, "partition": "iid", "options": {"corruptions": ["gaussian_noise", "fog"], "severity": 5}},
-            "adaptation": {"adapter": "tbn", "stream": {"shifts": ["fog@2", "gaussian_noise@4", "fog@5"], "batch_size": 8}},
+            "data": {
+                "dataset": "cifar10c",
+                "root": str(tmp_path),
+                "image_size": 32,
+                "partition": "iid",
+                "options": {"corruptions": ["gaussian_noise", "fog"], "severity": 5},
+            },
+            "adaptation": {
+                "adapter": "tbn",
+                "stream": {"shifts": ["fog@2", "gaussian_noise@4", "fog@5"], "batch_size": 8},
+            },
         }
     )
     stream = edge_stream(scenario, scenario.adaptation, 0, "gaussian_noise", seed=3)

@@ -42,8 +42,13 @@ def _stream(protocol: str = "reset-each-shift"):  # type: ignore[no-untyped-def]
     images = (rng.random((60, 8, 8, 3)) * 255).astype(np.uint8)
     labels = rng.integers(0, 10, 60)
     labels[:30] = np.floor(images[:30].mean(axis=(1, 2, 3)) / 255 * 10)  # half predictable
-    return build_stream(["a", "b"], domains={"a": (images[:30], labels[:30]), "b": (images[30:], labels[30:])},
-                        protocol=protocol, batch_size=8, seed=0)
+    return build_stream(
+        ["a", "b"],
+        domains={"a": (images[:30], labels[:30]), "b": (images[30:], labels[30:])},
+        protocol=protocol,
+        batch_size=8,
+        seed=0,
+    )
 
 
 def test_scores_per_batch_and_shift() -> None:
@@ -74,12 +79,20 @@ def test_scores_per_batch_and_shift() -> None:
 def test_cema_metrics_and_plot(tmp_path) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(1)
     images = (rng.random((64, 16, 16, 3)) * 255).astype(np.uint8)
-    stream = build_stream(["gaussian_noise@2", "fog@1"], images=images, labels=rng.integers(0, 10, 64),
-                          protocol="continual", batch_size=16, seed=0)
+    stream = build_stream(
+        ["gaussian_noise@2", "fog@1"],
+        images=images,
+        labels=rng.integers(0, 10, 64),
+        protocol="continual",
+        batch_size=16,
+        seed=0,
+    )
     cema = build_adapter("cema", small_bn_cnn(), foundation=small_bn_cnn(seed=4, width=12), upload_all=True)
     result = run_stream(cema, stream, reset_on_new_shift=False)
     s = result.summary()  # bytes up: uint8 images + the BN statistics the edge's first batch set (float32, once)
-    assert s["metrics"]["upload_fraction"] == 1.0 and s["metrics"]["bytes_up"] == 128 * 3 * 16 * 16 + 4 * 2 * (8 + 8 + 16)
+    assert s["metrics"]["upload_fraction"] == 1.0 and s["metrics"]["bytes_up"] == 128 * 3 * 16 * 16 + 4 * 2 * (
+        8 + 8 + 16
+    )
     assert s["metrics"]["bytes_down"] > 0
     assert [p["metrics"]["samples_uploaded"] for p in s["per_shift"]] == [64.0, 64.0]
     tbn = run_stream(build_adapter("tbn", small_bn_cnn()), stream, reset_on_new_shift=False)
@@ -92,8 +105,14 @@ def test_plot_running_accuracy_from_the_start_and_distinguishable(tmp_path) -> N
 
     rng = np.random.default_rng(2)
     images = (rng.random((40, 16, 16, 3)) * 255).astype(np.uint8)
-    stream = build_stream(["gaussian_noise@2", "fog@1"], images=images, labels=rng.integers(0, 10, 40),
-                          protocol="continual", batch_size=1, seed=0)
+    stream = build_stream(
+        ["gaussian_noise@2", "fog@1"],
+        images=images,
+        labels=rng.integers(0, 10, 40),
+        protocol="continual",
+        batch_size=1,
+        seed=0,
+    )
     a = run_stream(build_adapter("tbn", small_bn_cnn()), stream, reset_on_new_shift=False)
     b = run_stream(build_adapter("tbn", small_bn_cnn()), stream, reset_on_new_shift=False)
     a.adapter, b.adapter = "tbn", "tbn-copy"

@@ -40,7 +40,9 @@ def test_dirichlet_small_delta_gives_long_runs() -> None:
     labels = np.random.default_rng(0).integers(0, 10, 2000)
 
     def mean_over_seeds(stat, delta, shuffle):  # type: ignore[no-untyped-def]
-        return np.mean([stat(labels[dirichlet_order(labels, 10, delta, np.random.default_rng(s), shuffle)]) for s in range(5)])
+        return np.mean(
+            [stat(labels[dirichlet_order(labels, 10, delta, np.random.default_rng(s), shuffle)]) for s in range(5)]
+        )
 
     # chunks played in order: long runs of one label, longer for smaller delta
     runs = {d: mean_over_seeds(_runs, d, False) for d in (None, 0.01, 0.1, 10.0)}

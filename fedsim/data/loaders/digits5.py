@@ -432,8 +432,16 @@ def _domain_svhn(labels: np.ndarray, rng: np.random.Generator, size: int, base_i
     SVHN's cropped house numbers: the hardest domain."""
     n = len(labels)
     mask = _render_printed(
-        labels, rng, size, _SVHN_FONTS, height=(0.45, 0.8), stroke=(0.0, 0.04), rotation_deg=8.0, shift=0.06,
-        neighbour_prob=0.8, gap=(0.0, 0.07),
+        labels,
+        rng,
+        size,
+        _SVHN_FONTS,
+        height=(0.45, 0.8),
+        stroke=(0.0, 0.04),
+        rotation_deg=8.0,
+        shift=0.06,
+        neighbour_prob=0.8,
+        gap=(0.0, 0.07),
     )
     centres = (np.arange(size) + 0.5) / size - 0.5
     uy, ux = np.meshgrid(centres, centres, indexing="ij")

@@ -19,7 +19,14 @@ _OPTIONS = {"train_per_domain", "test_per_domain", "num_classes", "seed", "mix_d
 _CHUNK = 16_384  # images generated at a time
 
 
-def make_toy(image_size: int = 16, train_per_domain: int = 200, test_per_domain: int = 60, num_classes: int = 4, seed: int = 0, domains: tuple[str, ...] = DOMAINS) -> MultiDomainDataset:
+def make_toy(
+    image_size: int = 16,
+    train_per_domain: int = 200,
+    test_per_domain: int = 60,
+    num_classes: int = 4,
+    seed: int = 0,
+    domains: tuple[str, ...] = DOMAINS,
+) -> MultiDomainDataset:
     rng = np.random.default_rng([seed, 7])
     protos = rng.random((num_classes, 8, 8)) > 0.5
     reps = -(-image_size // 8)
@@ -32,7 +39,9 @@ def make_toy(image_size: int = 16, train_per_domain: int = 200, test_per_domain:
         noise = 0.1 + 0.1 * k
         drng = np.random.default_rng([seed, 11, k])
 
-        def sample(n: int, drng: np.random.Generator = drng, tint: np.ndarray = tint, noise: float = noise) -> tuple[np.ndarray, np.ndarray]:
+        def sample(
+            n: int, drng: np.random.Generator = drng, tint: np.ndarray = tint, noise: float = noise
+        ) -> tuple[np.ndarray, np.ndarray]:
             y = np.arange(n) % num_classes
             drng.shuffle(y)
             contrast = 0.5 + 0.5 * drng.random((n, 1, 1, 1))
@@ -49,7 +58,15 @@ def make_toy(image_size: int = 16, train_per_domain: int = 200, test_per_domain:
         xtr, ytr = sample(train_per_domain)
         xte, yte = sample(test_per_domain)
         out[name] = DomainSplit(xtr, ytr, xte, yte)
-    return MultiDomainDataset("toy", out, num_classes, image_size, 3, [str(i) for i in range(num_classes)], "random class patterns, per-domain tint and noise")
+    return MultiDomainDataset(
+        "toy",
+        out,
+        num_classes,
+        image_size,
+        3,
+        [str(i) for i in range(num_classes)],
+        "random class patterns, per-domain tint and noise",
+    )
 
 
 @DATASETS.register("toy")
