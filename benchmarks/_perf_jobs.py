@@ -26,6 +26,17 @@ from fedsim.scenario import new_run
 TAG = "PERF_RESULT "
 
 
+def rss_now() -> int:
+    """Resident set size of this process now, in bytes (Linux; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def emit(result: dict[str, Any]) -> None:
     result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(TAG + json.dumps(result), flush=True)
@@ -51,15 +62,39 @@ def fedsim_run(args: dict[str, Any]) -> dict[str, Any]:
     """FederatedRun on the scenario's runtime (inline or ray); counts optimizer steps and
     records the end time of every round (checkpoint written)."""
     import fedsim.engine.server as server
+    from fedsim.data import loading
     from fedsim.engine.client import ClientRuntime
     from fedsim.engine.runtimes import RUNTIMES
     from fedsim.results import RunFolder
 
     _quiet()
-    sc = scenario(args)
+    memory = {"imports": rss_now()}
+    t = time.perf_counter()
+    sc = scenario(args)  # validation builds the dataset and the partitions (cached)
+    scenario_s = time.perf_counter() - t
+    memory["scenario"] = rss_now()
+    # partitioning alone, timed again from scratch (the dataset stays cached)
+    loading._partitions_cached.cache_clear()
+    t = time.perf_counter()
+    parts = loading.partitions(sc.data, sc.seed)
+    partition_s = time.perf_counter() - t
+    data_bytes = sum(
+        int(getattr(a, "nbytes", 0))
+        for split in loading.load_dataset(sc.data).domains.values()
+        for a in vars(split).values()
+    )
+    partition_bytes = sum(v.nbytes for v in vars(parts).values() if isinstance(v, np.ndarray))
     counts = {"steps": 0, "data_built": 0}
     round_end: list[float] = []
-    orig_fit, orig_save = ClientRuntime._fit, server.save_checkpoint
+    discover: dict[str, float] = {}
+    orig_fit, orig_save, orig_discover = ClientRuntime._fit, server.save_checkpoint, server.PartitionGrid.discover
+
+    def timed_discover(self, *a, **k):
+        memory["nodes"] = rss_now()  # the runtime's per-node contexts exist by now
+        t0 = time.perf_counter()
+        orig_discover(self, *a, **k)
+        discover["s"] = time.perf_counter() - t0
+        memory["discovered"] = rss_now()
 
     def fit(self, *a, **k):  # inline only: Ray actors are other processes
         out = orig_fit(self, *a, **k)
@@ -72,6 +107,7 @@ def fedsim_run(args: dict[str, Any]) -> dict[str, Any]:
 
     ClientRuntime._fit = fit  # type: ignore[method-assign]
     server.save_checkpoint = save  # type: ignore[assignment]
+    server.PartitionGrid.discover = timed_discover  # type: ignore[method-assign]
     try:
         with tempfile.TemporaryDirectory(prefix="fedsim-perf-") as tmp:
             run = RunFolder.create(Path(tmp) / "run", sc, overwrite=True)
@@ -85,6 +121,8 @@ def fedsim_run(args: dict[str, Any]) -> dict[str, Any]:
     finally:
         ClientRuntime._fit = orig_fit  # type: ignore[method-assign]
         server.save_checkpoint = orig_save  # type: ignore[assignment]
+        server.PartitionGrid.discover = orig_discover  # type: ignore[method-assign]
+    memory["end"] = rss_now()
     last = records[-1] if records else {}
     rounds = [b - a for a, b in zip([t0, *round_end[:-1]], round_end)]
     return {
@@ -95,6 +133,12 @@ def fedsim_run(args: dict[str, Any]) -> dict[str, Any]:
         "num_sampled": [r.get("strategy_metrics", {}).get("num_sampled") for r in records],
         "clients_with_state": len(state_clients),
         "num_clients": num_clients(sc.data),
+        "scenario_s": scenario_s,  # loading + validating the scenario: dataset built, partitions made
+        "partition_s": partition_s,
+        "discover_s": discover.get("s"),
+        "data_bytes": data_bytes,
+        "partition_bytes": partition_bytes,
+        "rss": memory,
     }
 
 
@@ -172,9 +216,10 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
     adapters = {
         "alpha_bn": AlphaBN(model, a=0.1),
         "unmix_tns": UnMixTNS(model, num_components=16),
-        # edge only: the cloud runs when `cloud_batch` uploads are pending, which never
-        # happens here; the pending uploads are dropped after each timed batch.
-        "cema_edge": CEMA(model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0),
+        # edge only, official default normalization (tbr: BatchRenorm, running statistics
+        # set by the first batch): the cloud runs when `cloud_batch` uploads are pending,
+        # which never happens here; the pending uploads are dropped after each timed batch.
+        "cema_edge": CEMA(model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0, normalization="tbr"),
         # the same edge uploading every sample: bounds what the uint8 packing can add
         "cema_edge_upload_all": CEMA(
             model, foundation=foundation, cloud_batch=10**9, extra_replay_size=0, upload_all=True

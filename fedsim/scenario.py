@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from flwr.serverapp.strategy import Strategy
@@ -401,12 +402,12 @@ def check_data(scenario: Scenario, source: str) -> Any:
         msg = str(exc)
         key, _, rest = msg.partition(": ")
         fail(source, key if rest else "data", rest or msg)
-    smallest = min(parts, key=lambda p: p.num_train)
-    if scenario.client.batch_size > smallest.num_train:
+    smallest = int(np.argmin(parts.num_train))  # the first of the smallest, without building any client
+    if scenario.client.batch_size > parts.num_train[smallest]:
         fail(
             source,
             "client.batch_size",
-            f"{scenario.client.batch_size} is larger than client {smallest.client_id}'s {smallest.num_train} training samples",
+            f"{scenario.client.batch_size} is larger than client {smallest}'s {parts.num_train[smallest]} training samples",
         )
     return dataset
 

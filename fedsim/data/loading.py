@@ -11,7 +11,7 @@ import torch
 
 from fedsim.data.base import DATASETS, MultiDomainDataset
 from fedsim.data.config import DataConfig
-from fedsim.data.partition import ClientPartition, make_partitions
+from fedsim.data.partition import ClientPartition, Partitions, make_partitions
 
 
 @functools.lru_cache(maxsize=4)
@@ -37,14 +37,16 @@ def num_clients(cfg: DataConfig) -> int:
 
 
 @functools.lru_cache(maxsize=4)
-def _partitions_cached(cfg_json: str, seed: int) -> tuple[ClientPartition, ...]:
+def _partitions_cached(cfg_json: str, seed: int) -> Partitions:
     cfg = DataConfig.model_validate_json(cfg_json)
     dataset = load_dataset(cfg)
     labels = {d: np.asarray(s.y_train) for d, s in dataset.domains.items()}
-    return tuple(make_partitions(labels, cfg, seed))
+    return make_partitions(labels, cfg, seed)
 
 
-def partitions(cfg: DataConfig, seed: int) -> tuple[ClientPartition, ...]:
+def partitions(cfg: DataConfig, seed: int) -> Partitions:
+    """Every client's partition (cached per process); ``[cid]`` builds one client's
+    indices, so a population of any size costs a few flat arrays (:class:`Partitions`)."""
     return _partitions_cached(cfg.model_dump_json(), seed)
 
 

@@ -23,13 +23,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from uuid import uuid4
 
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedsim.arrays import record_nbytes
 from fedsim.engine.client import HELLO
+
+# Nodes asked for their partition id per message batch during discovery (bounds the
+# messages and replies held at once; a Ray or deployed grid answers a batch in parallel).
+DISCOVER_CHUNK = 1000
 
 
 class InlineGrid(Grid):
@@ -56,6 +60,11 @@ class InlineGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
+
+    def partition_ids(self) -> dict[int, int]:
+        """node id -> partition id, read from the nodes' configs: in-process, the
+        discovery query round (a message to every node) is not needed."""
+        return {node: int(ctx.node_config["partition-id"]) for node, ctx in self.contexts.items()}
 
     def _deliver(self, msg: Message) -> Message | None:
         context = self.contexts[msg.metadata.dst_node_id]
@@ -118,28 +127,40 @@ class PartitionGrid(Grid):
     traffic: Traffic = field(default_factory=Traffic)
     _to_node: dict[int, int] = field(default_factory=dict)
     _to_partition: dict[int, int] = field(default_factory=dict)
+    _node_ids: tuple[int, ...] = ()
 
     def discover(self, expected: int, wait_s: float = 120.0, config: dict[str, str] | None = None) -> None:
         """Ask every node for its partition id (one tiny query round). ``config`` goes to
-        every node with the question (a deployed SuperNode learns its scenario from it)."""
-        from flwr.app import ConfigRecord
-
+        every node with the question (a deployed SuperNode learns its scenario from it).
+        An in-process grid that knows its nodes' partition ids (``partition_ids()``, the
+        inline runtime) is not asked: with 100,000 nodes the query round took seconds.
+        Otherwise nodes are asked ``DISCOVER_CHUNK`` at a time, so the messages and
+        replies in memory do not grow with the population."""
         deadline = time.time() + wait_s
-        while len(list(self.inner.get_node_ids())) < expected and time.time() < deadline:
-            time.sleep(0.2)
-        nodes = sorted(self.inner.get_node_ids())
-        msgs = [
-            Message(RecordDict({"config": ConfigRecord(dict(config or {}))}), dst_node_id=n, message_type=HELLO)
-            for n in nodes
-        ]
-        for reply in self.inner.send_and_receive(msgs, timeout=wait_s):
-            if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
-            pid = int(reply.content["metrics"]["partition-id"])
-            self._to_node[pid] = reply.metadata.src_node_id
-            self._to_partition[reply.metadata.src_node_id] = pid
+        known = getattr(self.inner, "partition_ids", None)
+        if callable(known):
+            for node, pid in sorted(known().items()):
+                self._to_node[pid] = node
+                self._to_partition[node] = pid
+        else:
+            while len(list(self.inner.get_node_ids())) < expected and time.time() < deadline:
+                time.sleep(0.2)
+            nodes = sorted(self.inner.get_node_ids())
+            deadline = time.time() + wait_s  # for all the answers, as one query round had
+            for i in range(0, len(nodes), DISCOVER_CHUNK):
+                msgs = [
+                    Message(RecordDict({"config": ConfigRecord(dict(config or {}))}), dst_node_id=n, message_type=HELLO)
+                    for n in nodes[i : i + DISCOVER_CHUNK]
+                ]
+                for reply in self.inner.send_and_receive(msgs, timeout=max(1.0, deadline - time.time())):
+                    if reply.has_error():
+                        raise RuntimeError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+                    pid = int(reply.content["metrics"]["partition-id"])
+                    self._to_node[pid] = reply.metadata.src_node_id
+                    self._to_partition[reply.metadata.src_node_id] = pid
         if len(self._to_node) != expected:
             raise RuntimeError(f"expected {expected} clients, {len(self._to_node)} answered")
+        self._node_ids = tuple(sorted(self._to_node))
 
     # Grid API ---------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -155,7 +176,7 @@ class PartitionGrid(Grid):
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return sorted(self._to_node)
+        return self._node_ids  # sorted once at discovery: strategies ask every round
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.inner.push_messages(self._outbound(messages))

@@ -334,3 +334,24 @@ def test_former_variant_by_settings() -> None:
     )
     with pytest.raises(ValueError, match="normalization"):
         _cema(normalization="group")
+
+
+def test_tbr_edge_inference_skips_nothing_that_matters() -> None:
+    """The edge's eval-mode, no-grad forwards after the first (which skip the batch
+    statistics) give the official forward's outputs and leave every statistic as it was."""
+    model = conv_bn_cnn()
+    ours, official = prepare_model(copy.deepcopy(model), "tbr"), official_tbr_model(model)
+    official.eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        renorms = [m for m in ours.modules() if isinstance(m, BatchRenorm)]
+        assert renorms
+        for step in range(3):
+            x = torch.rand(8, 3, 10, 10, generator=g) * 3
+            before = [(m.running_mean.clone(), m.running_var.clone()) for m in renorms]
+            assert torch.allclose(ours(x), official(x), atol=1e-5)
+            if step:  # the first forward set the statistics; later ones leave them
+                assert all(
+                    torch.equal(m.running_mean, a) and torch.equal(m.running_var, b)
+                    for m, (a, b) in zip(renorms, before)
+                )
