@@ -198,6 +198,30 @@ class FoundationConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: the run's scenario seed")
+    # CEMA's premise is a cloud model much stronger than the edge (trained on far more data);
+    # ``domains`` gives it every training domain's whole train split, not just the clients' shares.
+    train_data: Literal["clients", "domains"] = Field(
+        "clients",
+        description="clients: the pooled train data of the run's clients; domains: the full train split of every domain the run trained on",
+    )
+    augment: bool = Field(
+        False,
+        description="random affine (rotation, scale, translation) and brightness jitter per training sample; never a corruption of the test streams",
+    )
+    augment_corruptions: list[str] = Field(
+        default_factory=list,
+        description="train on a copy of the data in which half the images carry one of these corruptions at a random severity (a stand-in for a large model's robustness; keep them apart from the streams' corruptions)",
+    )
+
+    @field_validator("augment_corruptions")
+    @classmethod
+    def _augment_corruptions(cls, value: list[str]) -> list[str]:
+        from fedsim.tta.corruptions import CORRUPTIONS
+
+        for name in value:
+            if name not in CORRUPTIONS:
+                raise ValueError(f"unknown corruption '{name}' (known: {', '.join(CORRUPTIONS)})")
+        return value
 
 
 class AdaptationConfig(Section):

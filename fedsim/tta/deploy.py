@@ -139,13 +139,17 @@ def deploy_arrays(
 # -- CEMA's foundation model -------------------------------------------------------------
 
 
-def pooled_train_data(scenario: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
-    """The union of all clients' train data (float [N, C, H, W] in [0, 1], int64 [N])."""
+def pooled_train_data(scenario: Scenario, train_data: str = "clients") -> tuple[torch.Tensor, torch.Tensor]:
+    """The union of all clients' train data (float [N, C, H, W] in [0, 1], int64 [N]);
+    ``train_data="domains"``: the whole train split of every domain a client trained on."""
+    if train_data not in ("clients", "domains"):
+        raise ValueError(f"train_data must be clients or domains (got {train_data!r})")
     ds = load_dataset(scenario.data)
     pooled: dict[str, list[np.ndarray]] = {}
     for part in partitions(scenario.data, scenario.seed):
         for d, idx in part.train.items():
-            pooled.setdefault(d, []).append(np.asarray(idx))
+            everything = np.arange(len(ds.domains[d].y_train))
+            pooled.setdefault(d, []).append(everything if train_data == "domains" else np.asarray(idx))
     xs, ys = [], []
     for d, chunks in pooled.items():
         idx = np.unique(np.concatenate(chunks)) if chunks else np.empty(0, np.int64)
@@ -153,6 +157,41 @@ def pooled_train_data(scenario: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
             xs.append(np.asarray(ds.domains[d].x_train[idx]))
             ys.append(np.asarray(ds.domains[d].y_train)[idx])
     return to_tensor(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys).astype(np.int64))
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Training augmentation of the foundation model (``FoundationConfig.augment``): per
+    sample a random affine map (rotation +-10 degrees, scale 0.9-1.1, translation +-8% of
+    the side, border pixels repeated) and a brightness offset +-0.1, clipped to [0, 1].
+    Deliberately none of the test streams' corruptions (noise, blur, contrast, jpeg)."""
+    n = x.shape[0]
+    u = torch.rand(n, 5, generator=gen)
+    angle = (u[:, 0] - 0.5) * (2 * np.pi * 10 / 360) * 2
+    scale = 0.9 + 0.2 * u[:, 1]
+    tx, ty = (u[:, 2] - 0.5) * 0.32, (u[:, 3] - 0.5) * 0.32  # grid units: 2 = the side
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid.to(x.device), padding_mode="border", align_corners=False)
+    out = out + ((u[:, 4] - 0.5) * 0.2).view(n, 1, 1, 1).to(x.device, x.dtype)
+    return out.clamp(0.0, 1.0)
+
+
+def corrupted_copy(x: torch.Tensor, names: list[str], seed: int) -> torch.Tensor:
+    """``x`` (float [N, C, H, W] in [0, 1]) with half its images, chosen at random, corrupted
+    by one of ``names`` at a random severity 1-5 (``FoundationConfig.augment_corruptions``),
+    rounded to 1/255 steps as the streams' images are; seeded."""
+    from fedsim.tta.corruptions import corrupt  # the corruption stack (scipy, skimage) only when asked for
+
+    rng = np.random.default_rng([int(seed), 7])
+    out = x.clone()
+    chosen = np.flatnonzero(rng.random(len(x)) < 0.5)
+    kind = rng.integers(0, len(names) * 5, size=len(chosen))
+    for k in np.unique(kind):
+        idx = torch.from_numpy(chosen[kind == k])
+        name, severity = names[int(k) // 5], int(k) % 5 + 1
+        out[idx] = torch.round(corrupt(x[idx], name, severity, rng).clamp(0, 1) * 255) / 255
+    return out
 
 
 def foundation_key(scenario: Scenario, cfg: FoundationConfig) -> str:
@@ -169,7 +208,9 @@ def foundation_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """CEMA's foundation model: ``cfg.model`` (default cnn-small, width 64: twice the
     default width) with BatchNorm, trained centrally on the pooled train data of the run's
-    clients for ``cfg.epochs`` epochs (SGD, seeded). Cached as
+    clients (``cfg.train_data="domains"``: the whole train split of their domains) for
+    ``cfg.epochs`` epochs (SGD, seeded; ``cfg.augment``: :func:`augment_batch`;
+    ``cfg.augment_corruptions``: :func:`corrupted_copy`). Cached as
     ``<run>/foundation/<cfg.model>-<key>.safetensors`` (+ ``.json`` record); a cached file
     with the same key (settings, data, seed) is loaded instead of training again."""
     sc = model_run.scenario
@@ -190,7 +231,9 @@ def foundation_model(
         except (OSError, ValueError, ScenarioError):
             pass  # unreadable or stale: train again
     device = device or torch.device("cpu")
-    x, y = pooled_train_data(sc)
+    x, y = pooled_train_data(sc, cfg.train_data)
+    if cfg.augment_corruptions:
+        x = corrupted_copy(x, list(cfg.augment_corruptions), int(seed))
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(y) // cfg.batch_size)
@@ -206,6 +249,8 @@ def foundation_model(
             for s in range(steps_per_epoch):
                 idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
                 xb, yb = x[idx].to(device), y[idx].to(device)
+                if cfg.augment:
+                    xb = augment_batch(xb, gen)
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
                 opt.zero_grad(set_to_none=True)
