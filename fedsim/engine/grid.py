@@ -133,12 +133,13 @@ class PartitionGrid(Grid):
         """Ask every node for its partition id (one tiny query round). ``config`` goes to
         every node with the question (a deployed SuperNode learns its scenario from it).
         An in-process grid that knows its nodes' partition ids (``partition_ids()``, the
-        inline runtime) is not asked: with 100,000 nodes the query round took seconds.
+        inline runtime) is not asked when there is nothing to tell the nodes (no ``config``):
+        with 100,000 nodes the query round took seconds.
         Otherwise nodes are asked ``DISCOVER_CHUNK`` at a time, so the messages and
         replies in memory do not grow with the population."""
         deadline = time.time() + wait_s
         known = getattr(self.inner, "partition_ids", None)
-        if callable(known):
+        if callable(known) and not config:  # the edge apps learn their scenario from the question
             for node, pid in sorted(known().items()):
                 self._to_node[pid] = node
                 self._to_partition[node] = pid
