@@ -112,7 +112,13 @@ def commands(doc: Path) -> list[Command]:
             for part in re.split(r"\s&&\s", joined):
                 words = shlex.split(part, comments=True)
                 if words:
-                    out.append(Command(doc.relative_to(ROOT).as_posix(), first + start, shlex.join(words)))
+                    out.append(
+                        Command(
+                            doc.relative_to(ROOT).as_posix() if doc.is_relative_to(ROOT) else doc.name,
+                            first + start,
+                            shlex.join(words),
+                        )
+                    )
     return out
 
 
@@ -196,14 +202,23 @@ def test_documented_commands_run_in_order(doc: Path, tmp_path: Path, monkeypatch
     _run_doc(doc, tmp_path, monkeypatch, capsys)
 
 
-def test_extraction_and_rules() -> None:
+def test_extraction_and_rules(tmp_path: Path) -> None:
     """The parser sees what a reader sees: continuations joined, chains split, comments dropped."""
     doc = ROOT / "README.md"
     cmds = [c.text for c in commands(doc)]
     assert "pip install -e ." in cmds and "fedsim run scenarios/multidomain.yaml" in cmds
     assert not any("#" in c for c in cmds)
-    tta = [c.text for c in commands(ROOT / "docs" / "tta.md")]
-    assert any(c.startswith("fedsim adapt scenarios/tta-correlated.yaml 'adaptation.adapters=") for c in tta)
+    sample = tmp_path / "sample.md"
+    sample.write_text(
+        "```bash\nfedsim adapt scenarios/tta-correlated.yaml \\\n"
+        '  "adaptation.adapters=[source, tbn]" \\\n  --model runs/fedbn  # a comment\n'
+        "fedsim list && fedsim --version\n```\n"
+    )
+    assert [c.text for c in commands(sample)] == [
+        "fedsim adapt scenarios/tta-correlated.yaml 'adaptation.adapters=[source, tbn]' --model runs/fedbn",
+        "fedsim list",
+        "fedsim --version",
+    ]
     assert rule(Command("x", 1, "fedsim edge demo scenarios/edge-demo.yaml")) is not None
     assert rule(Command("x", 1, "fedsim run scenarios/multidomain.yaml")) is None
     argv = tiny(["fedsim", "run", "scenarios/multidomain.yaml", "rounds=30", "runtime=ray", "--out", "runs/x"], ROOT)
