@@ -24,26 +24,10 @@ from fedsim.data.config import DataConfig
 from fedsim.data.loaders._files import DataSource, Options, resolve_root, select_domains, to_rgb_uint8
 from fedsim.data.loaders.cifar10 import load_cifar10_arrays
 from fedsim.schema import ScenarioError
+from fedsim.tta.config import CORRUPTIONS  # the 15 standard corruptions: one .npy file each
 
 NAME = "cifar10c"
 FOLDER = "CIFAR-10-C"
-CORRUPTIONS = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
 EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 ALL_CORRUPTIONS = CORRUPTIONS + EXTRA_CORRUPTIONS
 SEVERITIES = 5
