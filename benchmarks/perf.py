@@ -431,14 +431,9 @@ def hardware() -> list[str]:
     import flwr
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from fedsim.results import cpu_model  # after the sys.path setup above
+
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return [
         f"- CPU: {cpu}, {os.cpu_count()} cores; GPU: {gpu}",

@@ -347,14 +347,9 @@ def run_seed(reg: Regime, work: Path, seed: int, parts: str) -> dict[str, Any]:
 def hardware() -> str:
     import torch
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from fedsim.results import cpu_model  # after the sys.path setup above
+
+    cpu = cpu_model()
     return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}, no GPU used"
 
 
