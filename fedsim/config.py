@@ -41,6 +41,10 @@ class RuntimeConfig(Section):
     simulation engine on Ray (``address`` joins an existing cluster, e.g. ``auto``)."""
 
     name: Literal["inline", "ray"] = "inline"
+    # Which engine runs the clients under ``name: ray``. ``flower``: Flower's own simulation
+    # engine (fedsim.engine.flower_simulation). ``pool``: fedsim's persistent worker actors
+    # (fedsim.engine.ray_pool).
+    engine: Literal["pool", "flower"] = "flower"
     # Upper bounds: no machine has more; a local Ray cluster is also checked against this
     # machine's CPUs and GPUs (fedsim.scenario), since Ray waits forever for resources.
     cpus_per_client: float = Field(1.0, gt=0, le=1024)
