@@ -44,7 +44,7 @@ class RuntimeConfig(Section):
     # Which engine runs the clients under ``name: ray``. ``flower``: Flower's own simulation
     # engine (fedsim.engine.flower_simulation). ``pool``: fedsim's persistent worker actors
     # (fedsim.engine.ray_pool).
-    engine: Literal["pool", "flower"] = "flower"
+    engine: Literal["pool", "flower"] = "pool"
     # pool engine: client worker actors. None: matched to the cores other processes leave
     # free (less the driver's own), or to the cluster's resources with ``address``; 0: no
     # Ray, the driver runs every client.

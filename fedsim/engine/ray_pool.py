@@ -69,27 +69,34 @@ class PoolStartFailed(RuntimeError):
     """Ray could not start or host a worker (one line, naming where)."""
 
 
-def free_cores(sample_s: float = LOAD_SAMPLE_S) -> float:
-    """Cores that other processes leave free: the machine's busy CPU time over ``sample_s``
-    (``/proc/stat``) less this process's own (all its threads), as a number of cores.
-    Without ``/proc/stat`` (not Linux): cores less the 1-minute load average."""
-    ncpu = os.cpu_count() or 1
+class CpuSample:
+    """Cores that other processes leave free, measured between :meth:`__init__` and
+    :meth:`free_cores`: the machine's busy CPU time (``/proc/stat``) less this process's own
+    (all its threads), per second. Without ``/proc/stat`` (not Linux): cores less the
+    1-minute load average."""
 
-    def busy() -> tuple[float, float]:
-        with open("/proc/stat") as f:
-            fields = [float(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
-        return sum(fields[:8]) - idle, sum(os.times()[:2])
+    def __init__(self) -> None:
+        self.ncpu = os.cpu_count() or 1
+        self.t0 = time.monotonic()
+        self.start = self._read()
 
-    try:
-        tick = float(os.sysconf("SC_CLK_TCK"))
-        (b0, s0), t0 = busy(), time.monotonic()
-        time.sleep(sample_s)
-        (b1, s1), t1 = busy(), time.monotonic()
-    except (OSError, ValueError, IndexError, AttributeError):
-        return max(0.0, ncpu - os.getloadavg()[0]) if hasattr(os, "getloadavg") else float(ncpu)
-    others = ((b1 - b0) / tick - (s1 - s0)) / max(t1 - t0, 1e-6)
-    return max(0.0, min(float(ncpu), ncpu - others))
+    @staticmethod
+    def _read() -> tuple[float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [float(x) for x in f.readline().split()[1:]]
+            idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+            return (sum(fields[:8]) - idle) / float(os.sysconf("SC_CLK_TCK")), sum(os.times()[:2])
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
+    def free_cores(self, min_s: float = LOAD_SAMPLE_S) -> float:
+        time.sleep(max(0.0, self.t0 + min_s - time.monotonic()))
+        end = self._read()
+        if self.start is None or end is None:
+            return max(0.0, self.ncpu - os.getloadavg()[0]) if hasattr(os, "getloadavg") else float(self.ncpu)
+        others = ((end[0] - self.start[0]) - (end[1] - self.start[1])) / max(time.monotonic() - self.t0, 1e-6)
+        return max(0.0, min(float(self.ncpu), self.ncpu - others))
 
 
 def local_workers(free: float, cpus_per_client: float, driver_runs_clients: bool) -> int:
@@ -217,7 +224,10 @@ class WorkerPool:
         rt = self.rt
         n = rt.workers
         if n is None and not rt.address:
-            self.stats.free_cores = free_cores()
+            sample = CpuSample()
+            import ray  # noqa: F401 - heavy; while the sample runs (its CPU time is this process's own)
+
+            self.stats.free_cores = sample.free_cores()
             n = local_workers(self.stats.free_cores, rt.cpus_per_client, self.driver_runs)
             if rt.gpus_per_client > 0:
                 n = min(n, int(_local_gpus() // rt.gpus_per_client))
@@ -453,4 +463,4 @@ def run_pool(
     return pool.stats
 
 
-__all__ = ["PoolGrid", "PoolStartFailed", "PoolStats", "PoolWorker", "WorkerPool", "free_cores", "run_pool"]
+__all__ = ["PoolGrid", "PoolStartFailed", "PoolStats", "PoolWorker", "WorkerPool", "CpuSample", "run_pool"]
