@@ -667,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     if "2" in only:
         target2(rep, max(1, reps - 1) if not args.quick else 1, rounds)
     if "P" in only:
-        target_parallel(rep, 1 if args.quick else 3)
+        target_parallel(rep, 1 if args.quick else (args.reps or 3))
     if "3" in only:
         target3(rep, 1 if args.quick else max(1, reps - 1), 4 if args.quick else 6)
     if "4" in only:
