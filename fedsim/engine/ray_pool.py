@@ -180,6 +180,7 @@ class WorkerPool:
         self._closed = False
         self._starting = True
         self._error: BaseException | None = None
+        self._checked = False
         self._lanes: list[threading.Thread] = []
         self._ray_up = False
         self._app: ClientApp | None = None
@@ -257,6 +258,9 @@ class WorkerPool:
             raise RuntimeError(
                 f"no node can host a client worker ({rt.cpus_per_client:g} CPUs, {rt.gpus_per_client:g} GPUs each)"
             )
+        with self._cond:
+            self._checked = True  # Ray is up and can host workers: what a run's end waits for
+            self._cond.notify_all()
         if n is None:  # a cluster: as many workers as its nodes hold
             n = max(1, sum(int(min(h.get(k, 0.0) // v for k, v in need.items() if v > 0)) for h in hosts))
         self.stats.workers = n
@@ -383,10 +387,11 @@ class WorkerPool:
         self._starter.join(START_JOIN_S)  # it stops the workers' feeders and shuts Ray down
 
     def finish(self) -> None:
-        """At the end of a run: a Ray that failed to start is an error even if the
-        driver ran every client meanwhile (the user asked for Ray)."""
+        """At the end of a run: a Ray that failed to start, or cannot host a worker, is an
+        error even if the driver ran every client meanwhile (the user asked for Ray). Waits
+        until Ray is up and checked, not for the workers' warm-up."""
         with self._cond:
-            while self._starting and self._error is None:
+            while self._starting and not self._checked and self._error is None:
                 self._cond.wait(POLL_S)
         self._check()
 
