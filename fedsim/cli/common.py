@@ -38,6 +38,18 @@ def quiet_libraries() -> None:
         handler.setLevel(logging.WARNING)
 
 
+def show_runtime_notes() -> None:
+    """fedsim's INFO lines about how a run is executed (logger ``fedsim.runtime``, e.g. why
+    Flower's ``run_simulation`` fallback was chosen) on stderr, one line each."""
+    logger = logging.getLogger("fedsim.runtime")
+    logger.setLevel(logging.INFO)
+    if not any(getattr(h, "fedsim_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler.fedsim_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, *, out_help: str, resume_help: str) -> None:
     """The arguments every command that runs a scenario into a run folder takes
     (``fedsim run``, ``fedsim edge demo``): scenario, overrides, --out, --overwrite, --resume."""
