@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 from rich.console import Console
 
@@ -38,15 +39,28 @@ def quiet_libraries() -> None:
         handler.setLevel(logging.WARNING)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (a test's capture, a notebook's)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def show_runtime_notes() -> None:
     """fedsim's INFO lines about how a run is executed (logger ``fedsim.runtime``, e.g. why
     Flower's ``run_simulation`` fallback was chosen) on stderr, one line each."""
     logger = logging.getLogger("fedsim.runtime")
-    logger.setLevel(logging.INFO)
-    if not any(getattr(h, "fedsim_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        handler.fedsim_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
 
 

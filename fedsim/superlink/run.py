@@ -93,7 +93,6 @@ _NOISE = (
     "default simulated SuperNodes changed",
     "To change federation size",
     "flwr federation simulation-config",
-    "simulated SuperNodes)",
     "Successfully installed",
     "Using SuperLink",
     "Starting logstream",
@@ -148,6 +147,8 @@ def federation_config(experiment: FederatedRun) -> dict[str, Any]:
         # a private local Ray with this machine's CPUs (as the fallback's ray_init_args)
         "init-args-num-cpus": max(int(os.cpu_count() or 1), cpus),
         "init-args-log-to-driver": True,
+        # Flower's DEBUG lines (its actor pool, ...) only when this process's flwr logger wants them
+        "verbose": FLOWER_LOG.isEnabledFor(logging.DEBUG),
     }
 
 
