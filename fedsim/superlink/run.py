@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim import __version__
+from fedsim.config import Scenario
 from fedsim.edge.processes import CONNECTION, DeploymentError, LocalDeployment, processes_with_token
 from fedsim.engine.flower_simulation import flower_version
 from fedsim.engine.runtimes import RayRuntimeError, run_ray
@@ -114,9 +115,9 @@ def supported_path_available() -> bool:
     return bool(modules) and bool(_executable("flower-superlink"))
 
 
-def fallback_reason(experiment: FederatedRun) -> str | None:
+def fallback_reason(scenario: Scenario) -> str | None:
     """Why the supported path cannot run this scenario on this Flower; None when it can."""
-    rt = experiment.scenario.runtime
+    rt = scenario.runtime
     if not supported_path_available():
         return f"flwr {flower_version()} has no SuperLink simulation runtime (flower-superlink --simulation with a federation config)"
     if rt.address:
@@ -128,7 +129,7 @@ def fallback_reason(experiment: FederatedRun) -> str | None:
 
 def run_flower(experiment: FederatedRun) -> None:
     """``runtime: ray``, ``engine: flower``: the supported path, or the fallback (one INFO line why)."""
-    reason = fallback_reason(experiment)
+    reason = fallback_reason(experiment.scenario)
     if reason is not None:
         LOG.info("runtime ray: Flower's run_simulation (fallback), since %s", reason)
         run_ray(experiment)
@@ -136,12 +137,12 @@ def run_flower(experiment: FederatedRun) -> None:
     run_on_superlink(experiment)
 
 
-def federation_config(experiment: FederatedRun) -> dict[str, Any]:
+def federation_config(scenario: Scenario, num_clients: int) -> dict[str, Any]:
     """The scenario's clients and resources as Flower's federation config (``--federation-config``)."""
-    rt = experiment.scenario.runtime
+    rt = scenario.runtime
     cpus = int(rt.cpus_per_client)
     return {
-        "num-supernodes": experiment.num_clients,
+        "num-supernodes": num_clients,
         "client-resources-num-cpus": cpus,
         "client-resources-num-gpus": float(rt.gpus_per_client),
         # a private local Ray with this machine's CPUs (as the fallback's ray_init_args)
@@ -316,7 +317,7 @@ def run_on_superlink(experiment: FederatedRun) -> None:
                 "owner-pid": os.getpid(),
                 "outcome": str(outcome),
             },
-            federation_config(experiment),
+            federation_config(experiment.scenario, experiment.num_clients),
         )
         LOG.debug("run %s submitted after %.1fs", run_id, time.monotonic() - t0)
         stream = _LogStream(link, run_id)
