@@ -100,7 +100,8 @@ _NOISE = (
     "Starting Flower Simulation",
 )
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s?\s*(.*)$")
+# "INFO :      text", or with Flower's verbose format "DEBUG 2026-12-01 06:32:09,386:     text"
+_LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)(?:\s+\d{4}-\d\d-\d\d [\d:,.]+)?\s*:\s*(.*)$")
 # How long processes get to end after SIGTERM before they are killed.
 STOP_GRACE_S = 10.0
 
@@ -253,17 +254,55 @@ class _MetricsTail:
         return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
 
 
-def _stop(link: LocalDeployment, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM everything the SuperLink started (SuperExec, flwr-simulation, Ray: all carry
-    the link's token), give it ``grace_s`` to end, then kill what is left."""
-    for pid in processes_with_token(link.token):
+def _state(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a live process, None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def _family(token: str) -> set[int]:
+    """Live processes carrying ``token`` and all their descendants: a process that renamed
+    itself (Ray's dashboard and runtime-env agents, through setproctitle) no longer shows its
+    environment, but it is still a child of the raylet, which does."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if entry.name.isdigit() and (st := _state(int(entry.name))) is not None and st[0] != "Z":
+            children.setdefault(st[1], []).append(int(entry.name))
+    found: set[int] = set()
+    todo = processes_with_token(token)
+    while todo:
+        pid = todo.pop()
+        if pid not in found and pid != os.getpid():
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def _signal(pids: set[int], sig: int) -> None:
+    for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def _stop(link: LocalDeployment, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM everything the SuperLink started (SuperExec, flwr-simulation, Ray: all carry
+    the link's token, or descend from one that does), give it ``grace_s`` to end, then kill
+    what is left. The family is taken before anything ends (an orphan's parent is no longer
+    the raylet) and again while waiting."""
+    family = _family(link.token)
+    _signal(family, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while processes_with_token(link.token) and time.monotonic() < deadline:
+    alive = family
+    while alive and time.monotonic() < deadline:
         time.sleep(0.2)
+        family |= _family(link.token)
+        alive = {p for p in family if (st := _state(p)) is not None and st[0] != "Z"}
+    _signal(alive, signal.SIGKILL)
     link.stop(grace_s=2.0)
 
 
