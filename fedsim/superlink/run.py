@@ -19,7 +19,8 @@ and the app declares none.
   which the federation config overrides).
 - A failure: the ServerApp's recorded outcome (a fedsim RunFailure keeps its one line), else
   the error line of Flower's log. Ctrl-C: every process is stopped (SIGTERM, then SIGKILL after
-  a grace period, by the token every one of them inherits), then KeyboardInterrupt goes on.
+  a grace period; found by the token they inherit, or as descendants of one that has it), then
+  KeyboardInterrupt goes on.
 - Ray: a private one (its own ``RAY_TMPDIR``, no ``RAY_ADDRESS``), so a ``ray start`` cluster's
   address file is not joined; removed with the run.
 
