@@ -186,9 +186,12 @@ def train_cohort(
     batched = vmap(client_loss, randomness="error")
     loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
     correct = torch.zeros(k, dtype=torch.int64, device=device)
+    # the cohort's data once on the device, each step's batches one gather [K, batch, ...]
+    offsets = torch.tensor([0, *[len(y) for y in ys]]).cumsum(0)[:-1].tolist()
+    x_all, y_all = torch.cat(xs).to(device), torch.cat(ys).to(device)
     for step, bs in enumerate(lengths):
-        xb = torch.stack([x[s[step]] for x, s in zip(xs, schedules)]).to(device, non_blocking=True)
-        yb = torch.stack([y[s[step]] for y, s in zip(ys, schedules)]).to(device, non_blocking=True)
+        idx = torch.stack([s[step] + o for s, o in zip(schedules, offsets)]).to(device)
+        xb, yb = x_all[idx], y_all[idx]
         losses, logits = batched(params, buffers, xb, yb)
         grads = list(torch.autograd.grad(losses.sum(), leaves))
         if lam > 0:
