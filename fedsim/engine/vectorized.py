@@ -34,9 +34,11 @@ logged once per run (``VectorizedGrid.fallbacks`` keeps them):
   ``after_step`` overridden, e.g. FedTiny's masks) or FedProx's proximal term. Hooks that
   only change what is loaded and replied qualify: FedAvg, FedBN, FedWon (its AGC is
   vectorized here), EF21 / EControl / plain compression, Flower's FedAvg-like strategies;
-- clients are grouped by their batch-size schedule and AGC settings (a vmapped step needs
-  one batch size per step); a client alone in its group, and a lone train message, train
-  sequentially (bit-identical to the inline runtime);
+- different data sizes (so batch sizes and step counts) are no obstacle without
+  BatchNorm: batches are padded and masked (:func:`train_cohort`). BatchNorm's batch
+  statistics would see the padding, so its clients are grouped by batch-size schedule.
+  Clients are also grouped by their AGC settings. A client alone in its group, and a lone
+  train message, train sequentially (bit-identical to the inline runtime);
 - anything ``torch.func`` cannot batch (a user's model) falls back with the error logged.
 
 Evaluation messages always run sequentially.
@@ -121,7 +123,22 @@ class CohortOptimizer:
         self.steps = 0
 
     @torch.no_grad()
-    def step(self, grads: list[torch.Tensor]) -> None:
+    def step(self, grads: list[torch.Tensor], ended: torch.Tensor | None = None) -> None:
+        """One step of every client; ``ended`` (bool [K]): clients whose training is over,
+        whose parameters and optimizer state are kept as they are."""
+        if ended is not None:
+            kept = [[t.clone() for t in self._state(i)] for i in range(len(self.params))]
+        self._step(grads)
+        if ended is not None:
+            for i, before in enumerate(kept):
+                for t, old in zip(self._state(i), before):
+                    t.copy_(torch.where(ended.view(-1, *([1] * (t.ndim - 1))), old, t))
+
+    def _state(self, i: int) -> list[torch.Tensor]:
+        extra = [self.exp_avg[i], self.exp_avg_sq[i]] if self.exp_avg else [b for b in (self.buf[i],) if b is not None]
+        return [self.params[i], *extra]
+
+    def _step(self, grads: list[torch.Tensor]) -> None:
         c = self.c
         self.steps += 1
         for i, (p, g) in enumerate(zip(self.params, grads)):
@@ -145,6 +162,31 @@ class CohortOptimizer:
             p.add_(g, alpha=-c.lr)
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _padded_steps(
+    schedules: list[list[torch.Tensor]], offsets: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Per step: indices [K, B] into the cohort's concatenated data (each client's batch,
+    padded to the step's largest batch with its own first sample), the mask of real samples
+    [K, B], and each client's batch size (0: its schedule has ended)."""
+    steps = []
+    for t in range(max(len(s) for s in schedules)):
+        sizes = [len(s[t]) if t < len(s) else 0 for s in schedules]
+        width = max(sizes)
+        idx = torch.full((len(schedules), width), 0, dtype=torch.long)
+        mask = torch.zeros(len(schedules), width)
+        for k, (s, o) in enumerate(zip(schedules, offsets)):
+            idx[k] = o  # padding: the client's first sample, masked out
+            if sizes[k]:
+                idx[k, : sizes[k]] = s[t] + o
+                mask[k, : sizes[k]] = 1.0
+        steps.append((idx, mask, sizes))
+    return steps
+
+
 def train_cohort(
     model: nn.Module,
     states: list[dict[str, torch.Tensor]],
@@ -157,13 +199,22 @@ def train_cohort(
 ) -> tuple[list[dict[str, torch.Tensor]], list[Stats]]:
     """Train K clients at once (see the module docstring). ``states[k]``: client k's named
     parameters and buffers (as ``model.named_parameters()`` / ``named_buffers()`` name them);
-    ``xs[k], ys[k]``: its training data; ``schedules[k]``: its index batches, of the same
-    lengths for every client. Returns each client's trained tensors and its
-    (loss sum, correct, seen, steps), as :meth:`ClientRuntime._fit` counts them."""
+    ``xs[k], ys[k]``: its training data; ``schedules[k]``: its index batches. Returns each
+    client's trained tensors and its (loss sum, correct, seen, steps), as
+    :meth:`ClientRuntime._fit` counts them.
+
+    Schedules may differ in batch sizes and step counts when the model has no BatchNorm:
+    each step's batches are padded to one size and the task loss of client k is
+    ``sum_i m_ki CE_ki / sum_i m_ki`` over its real samples (m: the mask), which is its own
+    batch's mean, since every other layer treats samples independently; a client whose
+    schedule has ended keeps its parameters and optimizer state (its steps are a prefix of
+    the cohort's, so one step counter serves Adam's bias correction). BatchNorm's batch
+    statistics would see the padding, so with BatchNorm every schedule must have the same
+    batch sizes, step by step (ValueError otherwise)."""
     k = len(states)
-    lengths = [len(i) for i in schedules[0]]
-    if any([len(i) for i in s] != lengths for s in schedules):
-        raise ValueError("train_cohort: every client needs the same batch sizes, step by step")
+    uniform = all([len(i) for i in s] == [len(i) for i in schedules[0]] for s in schedules)
+    if not uniform and has_batchnorm(model):
+        raise ValueError("train_cohort: with BatchNorm every client needs the same batch sizes, step by step")
     device = torch.device(device)
     model.train()
     pnames = [n for n, _ in model.named_parameters()]
@@ -179,29 +230,31 @@ def train_cohort(
     clipped = [i for i, n in enumerate(trainable) if not any(n.startswith(e) for e in exclude)]
     opt = CohortOptimizer(client, leaves)
 
-    def client_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+    def client_loss(p, b, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor):
         logits = functional_call(model, (p, b), (x,))
-        return F.cross_entropy(logits, y), logits
+        return (F.cross_entropy(logits, y, reduction="none") * m).sum() / m.sum().clamp_min(1.0), logits
 
     batched = vmap(client_loss, randomness="error")
     loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
     correct = torch.zeros(k, dtype=torch.int64, device=device)
-    # the cohort's data once on the device, each step's batches one gather [K, batch, ...]
+    # the cohort's data once on the device, each step's batches one gather [K, B, ...]
     offsets = torch.tensor([0, *[len(y) for y in ys]]).cumsum(0)[:-1].tolist()
     x_all, y_all = torch.cat(xs).to(device), torch.cat(ys).to(device)
-    for step, bs in enumerate(lengths):
-        idx = torch.stack([s[step] + o for s, o in zip(schedules, offsets)]).to(device)
+    for idx, mask, sizes in _padded_steps(schedules, offsets):
+        idx, mask = idx.to(device), mask.to(device)
         xb, yb = x_all[idx], y_all[idx]
-        losses, logits = batched(params, buffers, xb, yb)
+        losses, logits = batched(params, buffers, xb, yb, mask)
         grads = list(torch.autograd.grad(losses.sum(), leaves))
         if lam > 0:
             stacked_agc_([leaves[i] for i in clipped], [grads[i] for i in clipped], lam, eps)
-        opt.step(grads)
-        loss_sum += losses.detach().double() * bs
-        correct += (logits.detach().argmax(-1) == yb).sum(1)
-    seen = sum(lengths)
+        ended = None if all(sizes) else torch.tensor([n == 0 for n in sizes], device=device)
+        opt.step(grads, ended)
+        loss_sum += losses.detach().double() * torch.tensor(sizes, dtype=torch.float64, device=device)
+        correct += ((logits.detach().argmax(-1) == yb) & mask.bool()).sum(1)
     out = [{n: t[i].detach() for n, t in (*params.items(), *buffers.items())} for i in range(k)]
-    stats = [(float(loss_sum[i]), int(correct[i]), seen, len(lengths)) for i in range(k)]
+    stats = [
+        (float(loss_sum[i]), int(correct[i]), sum(len(b) for b in schedules[i]), len(schedules[i])) for i in range(k)
+    ]
     return out, stats
 
 
@@ -271,7 +324,7 @@ class VectorizedGrid(InlineGrid):
         if blocker:
             self._fallback(blocker)
             return {}
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in rt.model.modules())
+        has_bn = has_batchnorm(rt.model)
         done: dict[str, Message] = {}
         groups: dict[tuple[Any, ...], list[tuple[TrainJob, dict[str, torch.Tensor], list[torch.Tensor]]]] = {}
         for msg in train:
@@ -287,7 +340,8 @@ class VectorizedGrid(InlineGrid):
                 done[msg.metadata.message_id] = _error(msg, exc)
                 continue
             schedule = list(batch_indices(len(job.y), self.scenario.client, job.seed, skip_singletons=has_bn))
-            key = (tuple(len(i) for i in schedule), agc)
+            # BatchNorm needs equal batches step by step; other models pad (train_cohort)
+            key = (tuple(len(i) for i in schedule) if has_bn else (), agc)
             groups.setdefault(key, []).append((job, _named_tensors(rt.model), schedule))
         for (_, agc), members in groups.items():
             results: list[tuple[dict[str, torch.Tensor], Stats]] | None = None
@@ -308,7 +362,12 @@ class VectorizedGrid(InlineGrid):
                 except Exception as exc:  # e.g. a user's layer without a vmap rule: stay correct
                     self._fallback(f"torch.func could not train the cohort ({type(exc).__name__}: {exc})")
             else:
-                self._fallback("a client alone in its batch-size schedule (different data size) has no cohort")
+                why = (
+                    "a BatchNorm model's client alone in its batch-size schedule (different data size)"
+                    if has_bn
+                    else "a client alone with its AGC settings"
+                )
+                self._fallback(f"{why} has no cohort")
             for i, (job, initial, _) in enumerate(members):
                 try:
                     if results is not None:
@@ -323,4 +382,12 @@ class VectorizedGrid(InlineGrid):
         return done
 
 
-__all__ = ["CohortOptimizer", "VectorizedGrid", "model_blocker", "stacked_agc_", "step_blocker", "train_cohort"]
+__all__ = [
+    "CohortOptimizer",
+    "VectorizedGrid",
+    "has_batchnorm",
+    "model_blocker",
+    "stacked_agc_",
+    "step_blocker",
+    "train_cohort",
+]
