@@ -164,11 +164,12 @@ def assert_records_close(a: list[dict], b: list[dict]) -> None:
         ("model.normalization=gn", "client.momentum=0.9", "client.weight_decay=0.001"),
         ("model.normalization=none", "strategy.name=fedwon", "client.momentum=0.9"),  # AGC on every step
         ("model.normalization=bn", "strategy.name=fedbn", "client.momentum=0.9"),  # per-client BN, local state
+        ("model.normalization=gn", "strategy.name=ef21", "client.momentum=0.9"),  # compressed uplink, client state
         # no normalization: with cnn-small's GroupNorm of one channel per group a conv bias
         # gets a zero gradient up to rounding, which Adam scales up to steps of size lr
         ("model.normalization=none", "client.optimizer=adam", "client.lr=0.01", "client.weight_decay=0.001"),
     ],
-    ids=["fedavg-gn-sgd", "fedwon-none-agc", "fedbn-bn", "fedavg-none-adam"],
+    ids=["fedavg-gn-sgd", "fedwon-none-agc", "fedbn-bn", "ef21-gn", "fedavg-none-adam"],
 )
 def test_vectorized_run_agrees_with_inline(tmp_path, overrides):
     seq_records, seq_arrays, seq_clients, seq_grid = run(tmp_path, "seq", *overrides)
