@@ -94,7 +94,7 @@ def step_blocker(hooks: ClientHooks) -> str | None:
 def _stacked_unit_norm(x: torch.Tensor) -> torch.Tensor:
     """:func:`fedsim.engine.agc.unitwise_norm` of every client slice x[k], shaped to broadcast."""
     if x.ndim <= 2:  # each client's tensor is a scalar or a vector: one unit
-        return x.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (x.ndim - 1)))
+        return x.reshape(x.shape[0], -1).norm(p=2, dim=1).view(-1, *([1] * (x.ndim - 1)))
     return x.flatten(2).norm(p=2, dim=2).view(x.shape[0], x.shape[1], *([1] * (x.ndim - 2)))
 
 

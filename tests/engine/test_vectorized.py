@@ -27,7 +27,7 @@ from fedsim.engine.client import batch_indices
 from fedsim.engine.hooks import ClientHooks
 from fedsim.engine.runtimes import run_inline
 from fedsim.engine.server import initial_arrays
-from fedsim.engine.vectorized import model_blocker, step_blocker, train_cohort
+from fedsim.engine.vectorized import model_blocker, stacked_agc_, step_blocker, train_cohort
 from fedsim.results import RunFolder
 from fedsim.scenario import load_scenario, new_run
 from fedsim.schema import ScenarioError
@@ -101,6 +101,22 @@ def test_cohort_step_equals_per_client_torch_optim(norm, optimizer, agc):
         assert stats[i][0] == pytest.approx(loss_sum, abs=1e-4)
         assert stats[i][1:] == (correct, sum(len(b) for b in schedules[i]), len(schedules[i]))
     assert not torch.equal(out[0]["4.weight"], out[1]["4.weight"])  # each client its own trajectory
+
+
+def test_stacked_agc_clips_each_client_as_adaptive_clip_does():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(), (4,), (4, 5), (4, 2, 3, 3)]  # a scalar gain, a bias, a linear, a conv weight (per client)
+    params = [torch.randn(3, *s, generator=g) for s in shapes]
+    grads = [torch.randn(3, *s, generator=g) * 3 for s in shapes]
+    stacked = [gr.clone() for gr in grads]
+    stacked_agc_(params, stacked, 0.1, 1e-3)
+    for k in range(3):
+        ps = [p[k].clone().requires_grad_(True) for p in params]
+        for p, gr in zip(ps, grads):
+            p.grad = gr[k].clone()
+        assert adaptive_clip_(ps, 0.1, 1e-3) > 0
+        for p, st in zip(ps, stacked):
+            torch.testing.assert_close(st[k], p.grad, atol=1e-6, rtol=1e-6)
 
 
 def test_cohort_refuses_unequal_batch_sizes_with_batchnorm():
