@@ -4,7 +4,8 @@
 :class:`VectorizedGrid`. Given a round's train messages, it trains every eligible client as
 one batched computation instead of one after another, and replies exactly what
 :meth:`fedsim.engine.client.ClientRuntime.train` replies (same arrays, metrics, client-state
-files), so no strategy can tell the difference.
+files), so no strategy can tell the difference (``client_wall_s`` runs from a client's
+loading to its reply, so it includes the whole cohort's training).
 
 Method. Every client is loaded as in sequential training (faults drawn, the strategy's
 hooks load the received arrays and the client's local state into the runtime's model) and
