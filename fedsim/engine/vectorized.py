@@ -15,7 +15,8 @@ step of the cohort is
     (loss_k, logits_k) = vmap_k( CE(functional_call(model, (theta_k, buffers_k), x_k), y_k) )
     g = d(sum_k loss_k) / d theta          (loss_k depends on theta_k only, so g_k = d loss_k / d theta_k)
 
-followed by the optimizer's update written elementwise over the stacked tensors:
+(plus FedProx's proximal term per client when the message asks for it), followed by the
+optimizer's update written elementwise over the stacked tensors:
 ``torch.optim.SGD``'s single-tensor formulas (weight decay, momentum; a fresh buffer per
 round, as each sequential client builds a fresh optimizer) or ``torch.optim.Adam``'s, and,
 when the message config asks for it, adaptive gradient clipping per client and per unit
@@ -32,9 +33,10 @@ logged once per run (``VectorizedGrid.fallbacks`` keeps them):
 - a per-client timeout (``faults.client_timeout_s``) needs each client timed alone;
 - a model with random layers (dropout) would draw other random numbers under vmap;
 - strategy hooks that change the local step (``extra_loss``, ``before_step``,
-  ``after_step`` overridden, e.g. FedTiny's masks) or FedProx's proximal term. Hooks that
-  only change what is loaded and replied qualify: FedAvg, FedBN, FedWon (its AGC is
-  vectorized here), EF21 / EControl / plain compression, Flower's FedAvg-like strategies;
+  ``after_step`` overridden, e.g. FedTiny's and MagPrune's masks). Hooks that only change
+  what is loaded and replied qualify: FedAvg, FedBN, FedWon (its AGC is vectorized here),
+  EF21 / EControl / plain compression, Flower's server-side strategies (FedAdam, ...) and
+  FedProx (its proximal term is vectorized here);
 - different data sizes (so batch sizes and step counts) are no obstacle without
   BatchNorm: batches are padded and masked (:func:`train_cohort`). BatchNorm's batch
   statistics would see the padding, so its clients are grouped by batch-size schedule.
@@ -86,9 +88,7 @@ def step_blocker(hooks: ClientHooks) -> str | None:
     changed = [m for m in ("extra_loss", "before_step", "after_step") if getattr(cls, m) is not getattr(ClientHooks, m)]
     if changed:
         return f"strategy client hooks {cls.__qualname__} change the local step ({', '.join(changed)})"
-    if hooks.prox_mu > 0:
-        return "FedProx's proximal term (proximal-mu > 0) changes the local step"
-    return None
+    return None  # FedProx's proximal term (ClientHooks.extra_loss) is train_cohort's prox_mu
 
 
 # -- the vectorized step ----------------------------------------------------------------------
@@ -197,12 +197,15 @@ def train_cohort(
     client: ClientConfig,
     agc: AGC = (0.0, 0.0, ()),
     device: torch.device | str = "cpu",
+    prox_mu: float = 0.0,
 ) -> tuple[list[dict[str, torch.Tensor]], list[Stats]]:
     """Train K clients at once (see the module docstring). ``states[k]``: client k's named
     parameters and buffers (as ``model.named_parameters()`` / ``named_buffers()`` name them);
     ``xs[k], ys[k]``: its training data; ``schedules[k]``: its index batches. Returns each
     client's trained tensors and its (loss sum, correct, seen, steps), as
-    :meth:`ClientRuntime._fit` counts them.
+    :meth:`ClientRuntime._fit` counts them. ``prox_mu`` > 0 adds FedProx's proximal term
+    ``mu/2 ||theta_k - theta_k(start)||^2`` to each client's loss (as
+    :meth:`ClientHooks.extra_loss`; the loss sums count the task loss only, as sequentially).
 
     Schedules may differ in batch sizes and step counts when the model has no BatchNorm:
     each step's batches are padded to one size and the task loss of client k is
@@ -231,9 +234,13 @@ def train_cohort(
     clipped = [i for i, n in enumerate(trainable) if not any(n.startswith(e) for e in exclude)]
     opt = CohortOptimizer(client, leaves)
 
-    def client_loss(p, b, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor):
+    anchor = {n: params[n].detach().clone() for n in trainable} if prox_mu > 0 else {}
+
+    def client_loss(p, b, a, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor):
         logits = functional_call(model, (p, b), (x,))
-        return (F.cross_entropy(logits, y, reduction="none") * m).sum() / m.sum().clamp_min(1.0), logits
+        task = (F.cross_entropy(logits, y, reduction="none") * m).sum() / m.sum().clamp_min(1.0)
+        total = task + 0.5 * prox_mu * sum(((p[n] - a[n]) ** 2).sum() for n in a) if a else task
+        return total, task, logits
 
     batched = vmap(client_loss, randomness="error")
     loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
@@ -244,8 +251,8 @@ def train_cohort(
     for idx, mask, sizes in _padded_steps(schedules, offsets):
         idx, mask = idx.to(device), mask.to(device)
         xb, yb = x_all[idx], y_all[idx]
-        losses, logits = batched(params, buffers, xb, yb, mask)
-        grads = list(torch.autograd.grad(losses.sum(), leaves))
+        totals, losses, logits = batched(params, buffers, anchor, xb, yb, mask)
+        grads = list(torch.autograd.grad(totals.sum(), leaves))
         if lam > 0:
             stacked_agc_([leaves[i] for i in clipped], [grads[i] for i in clipped], lam, eps)
         ended = None if all(sizes) else torch.tensor([n == 0 for n in sizes], device=device)
@@ -337,14 +344,15 @@ class VectorizedGrid(InlineGrid):
                     continue
                 agc = agc_settings(config)
                 job = rt.begin_train(msg, self.contexts[msg.metadata.dst_node_id])
+                prox = job.hooks.prox_mu
             except Exception as exc:  # a failing client (injected failure) must not stop the round
                 done[msg.metadata.message_id] = _error(msg, exc)
                 continue
             schedule = list(batch_indices(len(job.y), self.scenario.client, job.seed, skip_singletons=has_bn))
             # BatchNorm needs equal batches step by step; other models pad (train_cohort)
-            key = (tuple(len(i) for i in schedule) if has_bn else (), agc)
+            key = (tuple(len(i) for i in schedule) if has_bn else (), agc, prox)
             groups.setdefault(key, []).append((job, _named_tensors(rt.model), schedule))
-        for (_, agc), members in groups.items():
+        for (_, agc, prox), members in groups.items():
             results: list[tuple[dict[str, torch.Tensor], Stats]] | None = None
             if len(members) > 1:
                 try:
@@ -357,6 +365,7 @@ class VectorizedGrid(InlineGrid):
                         self.scenario.client,
                         agc,
                         rt.device,
+                        prox,
                     )
                     results = list(zip(states, stats))
                     self.cohorts.append(len(members))
@@ -366,7 +375,7 @@ class VectorizedGrid(InlineGrid):
                 why = (
                     "a BatchNorm model's client alone in its batch-size schedule (different data size)"
                     if has_bn
-                    else "a client alone with its AGC settings"
+                    else "a client alone with its AGC / proximal settings"
                 )
                 self._fallback(f"{why} has no cohort")
             for i, (job, initial, _) in enumerate(members):

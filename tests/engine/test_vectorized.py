@@ -45,11 +45,15 @@ def tiny(norm: str) -> nn.Module:
     )
 
 
-def sequential(model: nn.Module, x, y, schedule, c: ClientConfig, agc: float) -> tuple[nn.Module, float, int]:
-    """One client, the textbook way: torch.optim and AGC on the module's gradients."""
+def sequential(
+    model: nn.Module, x, y, schedule, c: ClientConfig, agc: float, prox: float
+) -> tuple[nn.Module, float, int]:
+    """One client, the textbook way: torch.optim, AGC on the module's gradients, FedProx's
+    proximal term added to the loss."""
     m = copy.deepcopy(model)
     m.train()
     params = list(m.parameters())
+    anchor = [q.detach().clone() for q in params]
     opt = (
         torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         if c.optimizer == "adam"
@@ -60,7 +64,7 @@ def sequential(model: nn.Module, x, y, schedule, c: ClientConfig, agc: float) ->
         logits = m(x[idx])
         loss = F.cross_entropy(logits, y[idx])
         opt.zero_grad()
-        loss.backward()
+        (loss + 0.5 * prox * sum(((q - a) ** 2).sum() for q, a in zip(params, anchor))).backward()
         if agc:
             adaptive_clip_(params, agc, 1e-3)
         opt.step()
@@ -70,10 +74,17 @@ def sequential(model: nn.Module, x, y, schedule, c: ClientConfig, agc: float) ->
 
 
 @pytest.mark.parametrize(
-    "norm,optimizer,agc",
-    [("gn", "sgd", 0.0), ("bn", "sgd", 0.0), ("none", "sgd", 0.05), ("gn", "adam", 0.0), ("bn", "adam", 0.05)],
+    "norm,optimizer,agc,prox",
+    [
+        ("gn", "sgd", 0.0, 0.0),
+        ("bn", "sgd", 0.0, 0.0),
+        ("none", "sgd", 0.05, 0.0),
+        ("gn", "adam", 0.0, 0.0),
+        ("bn", "adam", 0.05, 0.0),
+        ("none", "sgd", 0.0, 0.5),
+    ],
 )
-def test_cohort_step_equals_per_client_torch_optim(norm, optimizer, agc):
+def test_cohort_step_equals_per_client_torch_optim(norm, optimizer, agc, prox):
     c = ClientConfig(optimizer=optimizer, lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=5, local_epochs=2)
     model = tiny(norm)
     g = torch.Generator().manual_seed(1)
@@ -89,11 +100,11 @@ def test_cohort_step_equals_per_client_torch_optim(norm, optimizer, agc):
         s = {name: t.detach().clone() for name, t in (*model.named_parameters(), *model.named_buffers())}
         s["4.weight"] = s["4.weight"] + 0.01 * i
         states.append(s)
-    out, stats = train_cohort(model, states, xs, ys, schedules, c, (agc, 1e-3, ()))
+    out, stats = train_cohort(model, states, xs, ys, schedules, c, (agc, 1e-3, ()), prox_mu=prox)
     for i in range(k):
         start = copy.deepcopy(model)
         start.load_state_dict(states[i])
-        ref, loss_sum, correct = sequential(start, xs[i], ys[i], schedules[i], c, agc)
+        ref, loss_sum, correct = sequential(start, xs[i], ys[i], schedules[i], c, agc, prox)
         for name, t in (*ref.named_parameters(), *ref.named_buffers()):
             torch.testing.assert_close(
                 out[i][name], t.detach(), atol=ATOL, rtol=1e-5, msg=lambda m, i=i, name=name: f"client {i} {name}: {m}"
@@ -138,7 +149,7 @@ def test_which_hooks_and_models_qualify():
     for cls in (ClientHooks, FedBNClient, FedWonClient, EF21Client):
         assert step_blocker(cls({})) is None, cls
     assert "before_step" in step_blocker(SparseClient({})) and "after_step" in step_blocker(SparseClient({}))
-    assert "proximal" in step_blocker(ClientHooks({"proximal-mu": 0.1}))
+    assert step_blocker(ClientHooks({"proximal-mu": 0.1})) is None  # FedProx: the cohort step has the term
     assert model_blocker(tiny("gn")) is None
     assert "Dropout" in model_blocker(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
 
@@ -181,11 +192,16 @@ def assert_records_close(a: list[dict], b: list[dict]) -> None:
         ("model.normalization=none", "strategy.name=fedwon", "client.momentum=0.9"),  # AGC on every step
         ("model.normalization=bn", "strategy.name=fedbn", "client.momentum=0.9"),  # per-client BN, local state
         ("model.normalization=gn", "strategy.name=ef21", "client.momentum=0.9"),  # compressed uplink, client state
+        (
+            "model.normalization=gn",
+            "strategy.name=flwr.serverapp.strategy:FedProx",
+            "strategy.args={proximal_mu: 0.1, min_train_nodes: 1, min_evaluate_nodes: 1, min_available_nodes: 1}",
+        ),
         # no normalization: with cnn-small's GroupNorm of one channel per group a conv bias
         # gets a zero gradient up to rounding, which Adam scales up to steps of size lr
         ("model.normalization=none", "client.optimizer=adam", "client.lr=0.01", "client.weight_decay=0.001"),
     ],
-    ids=["fedavg-gn-sgd", "fedwon-none-agc", "fedbn-bn", "ef21-gn", "fedavg-none-adam"],
+    ids=["fedavg-gn-sgd", "fedwon-none-agc", "fedbn-bn", "ef21-gn", "fedprox-gn", "fedavg-none-adam"],
 )
 def test_vectorized_run_agrees_with_inline(tmp_path, overrides):
     seq_records, seq_arrays, seq_clients, seq_grid = run(tmp_path, "seq", *overrides)
@@ -261,15 +277,15 @@ def strip_timing(records: list[dict]) -> list[dict]:
     [
         (
             (
-                "strategy.name=flwr.serverapp.strategy:FedProx",
-                "strategy.args={proximal_mu: 0.1, min_train_nodes: 1, min_evaluate_nodes: 1, min_available_nodes: 1}",
+                "strategy.name=fedtiny",
+                "strategy.args={density: 0.3, num_candidates: 2, delta_t: 1, t_end: 3}",
             ),
-            "proximal term",
+            "SparseClient change the local step (before_step, after_step)",
         ),
         (("faults.client_timeout_s=60",), "faults.client_timeout_s"),
         (("model.normalization=bn", "data.partition=dirichlet"), "alone in its batch-size schedule"),
     ],
-    ids=["fedprox", "timeout", "batchnorm-unequal-data"],
+    ids=["fedtiny", "timeout", "batchnorm-unequal-data"],
 )
 def test_ineligible_cohorts_train_as_inline(tmp_path, caplog, overrides, reason):
     ov = ("model.normalization=gn", *overrides)
