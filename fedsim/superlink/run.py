@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,10 +52,11 @@ from typing import Any
 
 from fedsim import __version__
 from fedsim.config import Scenario
-from fedsim.edge.processes import CONNECTION, DeploymentError, LocalDeployment, processes_with_token
+from fedsim.edge.processes import CONNECTION, DeploymentError, LocalDeployment
 from fedsim.engine.flower_simulation import flower_version
 from fedsim.engine.runtimes import RayRuntimeError, run_ray
 from fedsim.engine.server import FederatedRun, RunFailure
+from fedsim.superlink.reaper import start_watchdog, stop_family, stop_watchdog
 
 LOG = logging.getLogger("fedsim.runtime")
 FLOWER_LOG = logging.getLogger("flwr")
@@ -255,55 +255,10 @@ class _MetricsTail:
         return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
 
 
-def _state(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a live process, None when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[1])
-
-
-def _family(token: str) -> set[int]:
-    """Live processes carrying ``token`` and all their descendants: a process that renamed
-    itself (Ray's dashboard and runtime-env agents, through setproctitle) no longer shows its
-    environment, but it is still a child of the raylet, which does."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if entry.name.isdigit() and (st := _state(int(entry.name))) is not None and st[0] != "Z":
-            children.setdefault(st[1], []).append(int(entry.name))
-    found: set[int] = set()
-    todo = processes_with_token(token)
-    while todo:
-        pid = todo.pop()
-        if pid not in found and pid != os.getpid():
-            found.add(pid)
-            todo.extend(children.get(pid, []))
-    return found
-
-
-def _signal(pids: set[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 def _stop(link: LocalDeployment, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM everything the SuperLink started (SuperExec, flwr-simulation, Ray: all carry
-    the link's token, or descend from one that does), give it ``grace_s`` to end, then kill
-    what is left. The family is taken before anything ends (an orphan's parent is no longer
-    the raylet) and again while waiting."""
-    family = _family(link.token)
-    _signal(family, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    alive = family
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        family |= _family(link.token)
-        alive = {p for p in family if (st := _state(p)) is not None and st[0] != "Z"}
-    _signal(alive, signal.SIGKILL)
+    """Everything the SuperLink started (SuperExec, flwr-simulation, Ray: all carry the link's
+    token, or descend from one that does): :func:`fedsim.superlink.reaper.stop_family`."""
+    stop_family(link.token, grace_s)
     link.stop(grace_s=2.0)
 
 
@@ -345,6 +300,8 @@ def run_on_superlink(experiment: FederatedRun) -> None:
     stream: _LogStream | None = None
     failed = True
     t0 = time.monotonic()
+    # Ends the link's processes and removes tmp if this process dies without its finally (kill -9).
+    watchdog = start_watchdog(link.token, tmp, STOP_GRACE_S)
     try:
         link.start()
         LOG.debug("SuperLink listening on %s after %.1fs", link.address, time.monotonic() - t0)
@@ -372,6 +329,7 @@ def run_on_superlink(experiment: FederatedRun) -> None:
         if stream is not None:
             stream.close()
         _stop(link)
+        stop_watchdog(watchdog)
         LOG.debug("every process stopped after %.1fs", time.monotonic() - t0)
         if not failed or not os.environ.get("FEDSIM_DEBUG"):
             shutil.rmtree(tmp, ignore_errors=True)

@@ -399,3 +399,39 @@ def test_flower_engine_failure_is_one_line_and_leaves_nothing_running(tmp_path):
     assert len(errors) == 1 and "round 1: only 0 of 8 clients succeeded" in errors[0], err[-3000:]
     assert "DEPRECATED FEATURE" not in out + err
     assert gone(proc.pid) == []
+
+
+def test_flower_engine_kill_9_leaves_nothing_running_and_resumes(tmp_path):
+    """``kill -9`` of ``fedsim run`` on Flower's supported path (no finally runs): its watchdog
+    (fedsim.superlink.reaper) stops the SuperLink, SuperExec, flwr-simulation and the private
+    Ray within seconds and removes the run's temporary folder; ``--resume`` finishes the run."""
+    runtime = {"name": "ray", "engine": "flower", "cpus_per_client": os.cpu_count() or 1}
+    path = write_scenario(tmp_path / "s.yaml", rounds=6, runtime=runtime)
+    out = tmp_path / "run"
+    proc = fedsim("run", str(path), "--out", str(out))
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    test_token = os.environ[TEST_TOKEN_ENV]
+    started = set(processes_with_token(test_token, env=TEST_TOKEN_ENV)) - {proc.pid}
+    watchdogs = [p for p in started if b"fedsim.superlink.reaper" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(watchdogs) == 1 and len(started) >= 4, describe(list(started))  # + SuperLink, SuperExec, ...
+    tmpdir = Path(Path(f"/proc/{watchdogs[0]}/cmdline").read_bytes().split(b"\0")[6].decode())
+    assert tmpdir.is_dir()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    deadline = time.monotonic() + 60
+    while (left := processes_with_token(test_token, env=TEST_TOKEN_ENV)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == [], describe(left)
+    assert not tmpdir.exists()
+    done = metrics.read_text().count("\n")
+    assert 1 <= done < 6
+    resumed = fedsim("run", "--resume", str(out))
+    _, err = finish(resumed, timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert metrics.read_text().count("\n") == 6
