@@ -13,11 +13,12 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsim.engine.client import make_client_app
+from fedsim.engine.client import client_runtime, make_client_app
 from fedsim.engine.flower_simulation import run_flower_simulation
 from fedsim.engine.grid import InlineGrid, StoppableGrid
 from fedsim.engine.ray_pool import PoolStartFailed, run_pool
 from fedsim.engine.server import FederatedRun
+from fedsim.engine.vectorized import VectorizedGrid
 
 
 def node_config(partition_id: int, num_partitions: int) -> dict[str, int]:
@@ -34,12 +35,19 @@ def node_contexts(n: int) -> dict[int, Context]:
 
 
 def run_inline(experiment: FederatedRun) -> None:
-    """Clients run one after another in this process, each with a persistent Context."""
+    """Clients run one after another in this process, each with a persistent Context
+    (``runtime.vectorize``: a round's eligible clients at once, fedsim.engine.vectorized)."""
     sc = experiment.scenario
     client_app = make_client_app(sc, str(experiment.run.path))
     contexts = node_contexts(experiment.num_clients)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
-    grid = InlineGrid(client_app, contexts, timeout_s=sc.faults.client_timeout_s)
+    if sc.runtime.vectorize:  # cohorts trained at once (fedsim.engine.vectorized)
+        run_dir = str(experiment.run.path)
+        grid: InlineGrid = VectorizedGrid(
+            client_app, contexts, lambda: client_runtime(sc.model_dump_json(), run_dir), sc, sc.faults.client_timeout_s
+        )
+    else:
+        grid = InlineGrid(client_app, contexts, timeout_s=sc.faults.client_timeout_s)
     experiment.drive(grid)
 
 
@@ -87,10 +95,11 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def run_ray(experiment: FederatedRun) -> None:
     """``runtime: ray``: the engine ``runtime.engine`` names, on Ray (joins a cluster when
-    runtime.address is set): ``pool`` (:mod:`fedsim.engine.ray_pool`) or ``flower``."""
+    runtime.address is set): ``pool`` (:mod:`fedsim.engine.ray_pool`), or ``flower``
+    through ``run_simulation`` (what :mod:`fedsim.superlink.run` falls back to)."""
     rt = experiment.scenario.runtime
     if rt.engine == "flower":
-        return run_flower(experiment)
+        return run_ray_simulation(experiment)
     try:
         run_pool(
             experiment,
@@ -102,8 +111,9 @@ def run_ray(experiment: FederatedRun) -> None:
         raise RayRuntimeError(str(exc)) from exc
 
 
-def run_flower(experiment: FederatedRun) -> None:
-    """Flower's simulation engine on Ray (joins a cluster when runtime.address is set).
+def run_ray_simulation(experiment: FederatedRun) -> None:
+    """Flower's simulation engine on Ray through ``run_simulation`` (joins a cluster when
+    runtime.address is set): ``engine: flower``'s fallback (:mod:`fedsim.superlink.run`).
 
     Ends in bounded time whatever happens: the ServerApp sees a :class:`StoppableGrid`
     that is stopped as soon as Flower's simulation returns or raises (Ctrl-C included),
