@@ -37,13 +37,13 @@ __all__ = [
 
 
 class RuntimeConfig(Section):
-    """Where clients run. ``inline``: in-process, one after another. ``ray``: Flower's
-    simulation engine on Ray (``address`` joins an existing cluster, e.g. ``auto``)."""
+    """Where clients run. ``inline``: in-process, one after another. ``ray``: on Ray, by the
+    engine ``engine`` names (``address`` joins an existing cluster, e.g. ``auto``)."""
 
     name: Literal["inline", "ray"] = "inline"
-    # Which engine runs the clients under ``name: ray``. ``flower``: Flower's own simulation
-    # engine (fedsim.engine.flower_simulation). ``pool``: fedsim's persistent worker actors
-    # (fedsim.engine.ray_pool).
+    # Which engine runs the clients under ``name: ray``. ``pool`` (default): fedsim's
+    # persistent worker actors and the driver on one work queue (fedsim.engine.ray_pool).
+    # ``flower``: Flower's own simulation engine (fedsim.superlink.run).
     engine: Literal["pool", "flower"] = "pool"
     # pool engine: client worker actors. None: matched to the cores other processes leave
     # free (less the driver's own), or to the cluster's resources with ``address``; 0: no
