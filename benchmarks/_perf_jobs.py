@@ -274,98 +274,58 @@ def tta(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# -- stretch: many small clients at once with torch.func ------------------------------------
-def vmap_clients(args: dict[str, Any]) -> dict[str, Any]:
-    """K clients x S SGD steps: sequentially (one model per client, autograd) vs all K at
-    once (torch.func.functional_call + grad + vmap over stacked parameters). The model is
-    cnn-small with GroupNorm (BatchNorm's in-place running statistics do not vmap);
-    plain SGD, batch 32, the same data and initial weights on both sides."""
-    import copy
-    import statistics
+# -- issue #19 target 5: vectorized cohorts ---------------------------------------------------
+def cohort(args: dict[str, Any]) -> dict[str, Any]:
+    """A run on the inline runtime (``runtime.vectorize`` as the overrides say) that times
+    every training round's message exchange: each client loaded, trained and replied (what
+    training the cohort costs; aggregation, evaluation and checkpoints are outside).
+    ``save``: a path to write the final global arrays to (.npz), to compare the two sides."""
+    from flwr.app import MessageType
 
-    import torch
-    import torch.nn.functional as F
-    from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+    import fedsim.engine.server as server
+    from fedsim.engine.checkpoint import load_latest
+    from fedsim.engine.runtimes import run_inline
+    from fedsim.results import RunFolder
 
-    from fedsim.config import DataConfig
-    from fedsim.data.loading import load_dataset, to_tensor
-    from fedsim.models import build_model
+    _quiet()
+    sc = scenario(args)
+    train_s: list[float] = []
+    steps: list[int] = []
+    orig = server.PartitionGrid.send_and_receive
 
-    torch.set_num_threads(int(args.get("threads", 1)))
-    device = torch.device(args.get("device", "cpu"))
-    k, steps, bs, lr, reps = (
-        int(args.get("clients", 10)),
-        int(args.get("steps", 10)),
-        int(args.get("batch", 32)),
-        0.05,
-        int(args.get("reps", 3)),
-    )
-    width = int(args.get("width", 32))
-    ds = load_dataset(DataConfig(**args.get("data", {})))
-    first = ds.domains[next(iter(ds.domains))]
-    x_all = to_tensor(np.asarray(first.x_train)).to(device)
-    y_all = torch.as_tensor(np.asarray(first.y_train), dtype=torch.long, device=device)
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(y_all), (steps, k, bs), generator=g).to(device)
-    xs, ys = x_all[idx], y_all[idx]  # [S, K, B, ...]
-    base = build_model("cnn-small", ds.num_classes, ds.channels, ds.image_size, "gn", {"width": width}, seed=0).to(
-        device
-    )
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def sequential() -> list[torch.Tensor]:
-        out = []
-        for c in range(k):
-            m = copy.deepcopy(base)
-            opt = torch.optim.SGD(m.parameters(), lr=lr)
-            for s in range(steps):
-                loss = F.cross_entropy(m(xs[s, c]), ys[s, c])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            out.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
-        return out
-
-    def batched() -> list[torch.Tensor]:
-        params, buffers = stack_module_state([copy.deepcopy(base) for _ in range(k)])
-        names = list(params)
-
-        def loss_fn(p, b, x, y):
-            return F.cross_entropy(functional_call(base, (p, b), (x,)), y)
-
-        step = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0))
-        for s in range(steps):
-            grads, _ = step(params, buffers, xs[s], ys[s])
-            params = {n: params[n] - lr * grads[n] for n in names}
-        return [torch.cat([params[n][c].flatten() for n in names]) for c in range(k)]
-
-    def timed(fn):
-        sync()
+    def timed(self, messages, *, timeout=None):
+        messages = list(messages)
+        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            return orig(self, messages, timeout=timeout)
         t0 = time.perf_counter()
-        res = fn()
-        sync()
-        return time.perf_counter() - t0, res
+        replies = orig(self, messages, timeout=timeout)
+        train_s.append(time.perf_counter() - t0)
+        steps.append(sum(int(r.content["metrics"]["train_steps"]) for r in replies if r.has_content()))
+        return replies
 
-    timed(sequential)
-    timed(batched)  # warm-up
-    seq_t, vec_t = [], []
-    for _ in range(reps):
-        a, ra = timed(sequential)
-        b, rb = timed(batched)
-        seq_t.append(a)
-        vec_t.append(b)
-    max_diff = max(float((u - v).detach().abs().max()) for u, v in zip(ra, rb))
+    server.PartitionGrid.send_and_receive = timed  # type: ignore[method-assign]
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedsim-perf-") as tmp:
+            run = RunFolder.create(Path(tmp) / "run", sc, overwrite=True)
+            experiment = new_run(sc, run)
+            run_inline(experiment)
+            arrays = load_latest(run.checkpoints).arrays
+    finally:
+        server.PartitionGrid.send_and_receive = orig  # type: ignore[method-assign]
+    if args.get("save"):
+        np.savez(args["save"], **arrays)
+    grid = experiment.grid.inner if experiment.grid is not None else None
     return {
-        "clients": k,
+        "train_s": train_s,
         "steps": steps,
-        "sequential_s": statistics.median(seq_t),
-        "vmap_s": statistics.median(vec_t),
-        "speedup": statistics.median([a / b for a, b in zip(seq_t, vec_t)]),
-        "max_param_diff": max_diff,
+        "batch_size": sc.client.batch_size,
+        "clients": num_clients(sc.data),
+        "cohorts": list(getattr(grid, "cohorts", [])),
+        "fallbacks": list(getattr(grid, "fallbacks", [])),
     }
 
 
-JOBS = {"fedsim": fedsim_run, "bare": bare, "flower": flower, "tta": tta, "vmap": vmap_clients}
+JOBS = {"fedsim": fedsim_run, "bare": bare, "flower": flower, "tta": tta, "cohort": cohort}
 
 
 def main() -> None:

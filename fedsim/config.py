@@ -54,6 +54,9 @@ class RuntimeConfig(Section):
     # per process ran ~35x slower (spin-waiting), and equal thread counts keep the inline
     # and Ray runtimes bit-identical. Raise it for big models on an idle machine.
     num_threads: int = Field(1, ge=1, le=1024, description="torch threads per client process")
+    # Opt-in, inline only: train each round's eligible clients at once with torch.func
+    # (vmap over stacked parameters; fedsim.engine.vectorized, which says who is eligible).
+    vectorize: bool = Field(False, description="inline runtime: train a round's cohort as one vectorized batch")
 
     @field_validator("num_threads", mode="before")
     @classmethod
@@ -149,6 +152,10 @@ class Scenario(Section):
     def _consistent(self) -> Scenario:
         if self.device == "cuda" and self.runtime.name == "ray" and self.runtime.gpus_per_client == 0:
             raise ValueError("runtime.gpus_per_client: must be > 0 when device is cuda on ray")
+        if self.runtime.vectorize and self.runtime.name != "inline":
+            raise ValueError(
+                f"runtime.vectorize: only the inline runtime vectorizes cohorts (runtime {self.runtime.name})"
+            )
         return self
 
     def to_yaml(self) -> str:

@@ -30,6 +30,7 @@ from fedsim.outputs import MARKER, check_out_folder, create_folder, remove_owned
 from fedsim.results import RunFolder, describe, plot_accuracy, summarize
 from fedsim.scenario import check_adaptation, new_run, open_model_run, open_run
 from fedsim.schema import ScenarioError
+from fedsim.superlink.run import run_flower
 from fedsim.tracking.config import TrackingConfig
 from fedsim.tracking.sinks import Trackers, build_trackers
 from fedsim.tta.config import AdaptationConfig
@@ -154,6 +155,16 @@ def open_resumed_run(folder: str | Path) -> OpenRun:
     return _open(run, scenario, True, False, str(run.scenario_file))
 
 
+def run_rounds(experiment: FederatedRun) -> None:
+    """The scenario's runtime: ``ray`` with ``engine: flower`` goes through Flower's supported
+    simulation path or its fallback (:mod:`fedsim.superlink.run`); the others are engine runtimes."""
+    rt = experiment.scenario.runtime
+    if rt.name == "ray" and rt.engine == "flower":
+        run_flower(experiment)
+    else:
+        RUNTIMES[rt.name](experiment)
+
+
 @dataclass
 class Trained:
     """What a finished training run left: every metrics record, the summary and its time."""
@@ -182,7 +193,7 @@ def train(job: OpenRun, on_round: Callable[[dict[str, Any]], None] | None = None
 
     job.experiment.on_round = on_round_tracked
     try:
-        RUNTIMES[scenario.runtime.name](job.experiment)
+        run_rounds(job.experiment)
     except RunFailure:
         raise
     except KeyboardInterrupt:

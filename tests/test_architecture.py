@@ -12,7 +12,7 @@ Floors, bottom to top (a module may import its own floor and those below):
 5. methods: ``strategies.*``, ``adapters.*``
 6. test-time adaptation: ``tta.*``
 7. the scenario, validated and built: ``scenario``
-8. what runs whole experiments: ``runs``, ``edge.*``, ``sweep``, ``api``
+8. what runs whole experiments: ``runs``, ``edge.*``, ``superlink.*``, ``sweep``, ``api``
 9. the command line: ``cli.*``, ``__main__``
 
 All imports count, function-local ones included (hiding an import in a function does not
@@ -61,7 +61,7 @@ FLOORS: list[tuple[int, tuple[str, ...]]] = [
     (5, ("fedsim.strategies", "fedsim.adapters")),
     (6, ("fedsim.tta",)),
     (7, ("fedsim.scenario",)),
-    (8, ("fedsim.runs", "fedsim.edge", "fedsim.sweep", "fedsim.api")),
+    (8, ("fedsim.runs", "fedsim.edge", "fedsim.superlink", "fedsim.sweep", "fedsim.api")),
     (9, ("fedsim.cli", "fedsim.__main__")),
 ]
 

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 from rich.console import Console
 
@@ -36,6 +37,31 @@ def quiet_libraries() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     for handler in logging.getLogger("flwr").handlers:
         handler.setLevel(logging.WARNING)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (a test's capture, a notebook's)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def show_runtime_notes() -> None:
+    """fedsim's INFO lines about how a run is executed (logger ``fedsim.runtime``, e.g. why
+    Flower's ``run_simulation`` fallback was chosen) on stderr, one line each."""
+    logger = logging.getLogger("fedsim.runtime")
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, out_help: str, resume_help: str) -> None:

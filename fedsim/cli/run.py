@@ -16,7 +16,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedsim.cli.adapt import adapt_after_run
-from fedsim.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadInput, console, error, quiet_libraries
+from fedsim.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_OK,
+    BadInput,
+    console,
+    error,
+    quiet_libraries,
+    show_runtime_notes,
+)
 from fedsim.data.loading import num_clients
 from fedsim.engine.server import RunFailure
 from fedsim.outputs import check_out_folder
@@ -100,6 +109,7 @@ def _cmd_run(args: argparse.Namespace, held: list[OpenRun]) -> int:
         f"[b]{scenario.name}[/b]: {scenario.strategy.name} on {scenario.data.dataset}, {num_clients(scenario.data)} clients, {scenario.rounds} rounds, seed {scenario.seed}, runtime {scenario.runtime.name} -> {run.path}"
     )
     quiet_libraries()
+    show_runtime_notes()
     t0 = time.perf_counter()
     progress, on_round = _progress(out, scenario.rounds, job.done_rounds)
     try:

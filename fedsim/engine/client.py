@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,8 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fedsim.arrays import numpy_to_record, record_to_numpy
-from fedsim.config import Scenario
+from fedsim.arrays import NamedArrays, numpy_to_record, record_to_numpy
+from fedsim.config import ClientConfig, Scenario
 from fedsim.data.loading import ClientDataCache
 from fedsim.engine.client_state import ClientState
 from fedsim.engine.hooks import HOOKS_KEY, TASK_KEY, ClientHooks
@@ -46,6 +48,47 @@ def hooks_from_config(config: dict[str, Any]) -> ClientHooks:
     path = config.get(HOOKS_KEY)
     cls = ClientHooks if not path else import_object(str(path))
     return cls(config)  # type: ignore[operator]
+
+
+def batch_indices(n: int, client: ClientConfig, seed: int, skip_singletons: bool) -> Iterator[torch.Tensor]:
+    """The index batches of one client's local training, in order: ``client.local_steps``
+    steps, or ``client.local_epochs`` epochs of ``ceil(n / batch)`` steps (``n // batch``
+    with ``drop_last``), each epoch a fresh permutation from a generator seeded with ``seed``.
+    ``skip_singletons``: a batch of one sample is drawn but not trained on (BatchNorm cannot
+    train on it) and does not count as a step. Every runtime draws through this function,
+    so one seed gives one sample order wherever the client trains."""
+    gen = torch.Generator().manual_seed(seed)
+    bs = min(client.batch_size, n)
+    per_epoch = n // bs if client.drop_last else math.ceil(n / bs)
+    total = client.local_steps if client.local_steps is not None else client.local_epochs * per_epoch
+    end = per_epoch * bs if client.drop_last else n
+    perm, pos, steps = torch.randperm(n, generator=gen), 0, 0
+    while steps < total:
+        if pos >= end:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + bs]
+        pos += bs
+        if skip_singletons and len(idx) < 2:
+            continue
+        steps += 1
+        yield idx
+
+
+@dataclass
+class TrainJob:
+    """One client's train message between :meth:`ClientRuntime.begin_train` and
+    :meth:`ClientRuntime.finish_train`: what the reply needs, and the data to train on."""
+
+    msg: Message
+    t0: float
+    cid: int
+    spoil: str | None
+    received: NamedArrays
+    hooks: ClientHooks
+    state: ClientState
+    x: torch.Tensor
+    y: torch.Tensor
+    seed: int
 
 
 class ClientRuntime:
@@ -105,6 +148,13 @@ class ClientRuntime:
         return "shape" if shape < f.bad_shape_prob else None
 
     def train(self, msg: Message, context: Context) -> Message:
+        job = self.begin_train(msg, context)
+        return self.finish_train(job, self._fit(job.hooks, job.x, job.y, job.seed))
+
+    def begin_train(self, msg: Message, context: Context) -> TrainJob:
+        """First half of :meth:`train`: faults drawn, the received arrays and the client's
+        local state loaded into :attr:`model` by the strategy's hooks. Raises what the
+        client raises (an injected failure)."""
         t0 = time.perf_counter()
         config = dict(msg.content["config"]) if "config" in msg.content else {}
         server_round = int(config.get("server-round", 0))
@@ -117,37 +167,36 @@ class ClientRuntime:
         self._reset()
         hooks.load(self.model, received, state)
         data = self.data.client(cid)
-        loss_sum, correct, seen, steps = self._fit(
-            hooks, data.x_train, data.y_train, client_seed(self.scenario.seed, server_round, cid)
-        )
-        reply = hooks.reply(self.model, received, state)
-        if spoil == "nan":
+        seed = client_seed(self.scenario.seed, server_round, cid)
+        return TrainJob(msg, t0, cid, spoil, received, hooks, state, data.x_train, data.y_train, seed)
+
+    def finish_train(self, job: TrainJob, fit: tuple[float, int, int, int]) -> Message:
+        """Second half of :meth:`train`: the reply from :attr:`model` (trained by ``fit``,
+        which gave (loss sum, correct, samples seen, steps)), client state committed."""
+        loss_sum, correct, seen, steps = fit
+        reply = job.hooks.reply(self.model, job.received, job.state)
+        if job.spoil == "nan":
             reply = {k: np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v for k, v in reply.items()}
-        elif spoil == "shape":
+        elif job.spoil == "shape":
             first = next(iter(reply))
             reply[first] = np.zeros(reply[first].size + 1, reply[first].dtype)
-        state.commit()
+        job.state.commit()
         metrics = {
-            "num-examples": int(len(data.y_train)),
+            "num-examples": int(len(job.y)),
             "train_loss": loss_sum / max(seen, 1),
             "train_accuracy": correct / max(seen, 1),
             "train_steps": steps,
-            "client_wall_s": time.perf_counter() - t0,
-            **hooks.metrics(),
+            "client_wall_s": time.perf_counter() - job.t0,
+            **job.hooks.metrics(),
         }
         content = RecordDict({"arrays": numpy_to_record(reply), "metrics": MetricRecord(metrics)})
-        return Message(content, reply_to=msg)
+        return Message(content, reply_to=job.msg)
 
     def _fit(self, hooks: ClientHooks, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[float, int, int, int]:
         c = self.scenario.client
         model = self.model
         model.train()
         opt = self._optimizer()
-        gen = torch.Generator().manual_seed(seed)
-        n = len(y)
-        bs = min(c.batch_size, n)
-        per_epoch = n // bs if c.drop_last else math.ceil(n / bs)
-        total = c.local_steps if c.local_steps is not None else c.local_epochs * per_epoch
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         # running sums stay on the device: converting to Python numbers every step would
         # synchronise a GPU twice per step. float64 products and sums of float32 losses give
@@ -155,15 +204,7 @@ class ClientRuntime:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen, steps = 0, 0
-        perm = torch.randperm(n, generator=gen)
-        pos = 0
-        while steps < total:
-            if pos >= (per_epoch * bs if c.drop_last else n):
-                perm, pos = torch.randperm(n, generator=gen), 0
-            idx = perm[pos : pos + bs]
-            pos += bs
-            if has_bn and len(idx) < 2:  # BatchNorm cannot train on a single sample
-                continue
+        for idx in batch_indices(len(y), c, seed, skip_singletons=has_bn):
             xb, yb = x[idx].to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
@@ -260,4 +301,14 @@ def make_client_app(scenario: Scenario, run_dir: str | None) -> ClientApp:
     return app
 
 
-__all__ = ["make_client_app", "ClientRuntime", "client_seed", "HELLO", "ArrayRecord", "ConfigRecord"]
+__all__ = [
+    "make_client_app",
+    "ClientRuntime",
+    "TrainJob",
+    "batch_indices",
+    "client_seed",
+    "client_runtime",
+    "HELLO",
+    "ArrayRecord",
+    "ConfigRecord",
+]

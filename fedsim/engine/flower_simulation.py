@@ -1,21 +1,18 @@
-"""The Flower entry point under fedsim's ``ray`` runtime, on the installed Flower.
+"""``flwr.simulation.run_simulation``: the in-process fallback of fedsim's ``ray`` runtime.
 
-Recent Flower (1.42 here) marks ``flwr.simulation.run_simulation`` deprecated in favour of ``flwr run``
-against a SuperLink started with ``flower-superlink --simulation``. That path runs the very
-same engine (its ``flwr-simulation`` process calls the function ``run_simulation`` wraps),
-but as three extra processes fed through a FAB and a ``SimulationConfig`` that cannot carry
-what fedsim's ray runtime guarantees (README.md, "Which Flower entry point", has the
-measurements): fractional ``cpus_per_client`` (the config's CPU count is an integer), the
-Ray actor options that restart a dead client actor (:data:`ACTOR_RETRIES` in
-:mod:`fedsim.engine.runtimes`), joining a given cluster or a private Ray despite a
-``ray start`` address file (no ``init_args.address``), ServerApp errors as exceptions of
-this process, and about 15 s more start-up per run.
+Recent Flower (1.42 here) marks ``run_simulation`` deprecated in favour of ``flwr run`` against a
+SuperLink started with ``flower-superlink --simulation``, which ``runtime: ray`` takes by default
+(:mod:`fedsim.superlink.run`). That path runs the very same engine (its ``flwr-simulation``
+process calls the function ``run_simulation`` wraps), fed through a ``SimulationConfig`` that
+cannot carry everything: fractional ``cpus_per_client`` (its CPU count is an integer) and a Ray
+cluster to join (no address). For those scenarios, and on a Flower without that path,
+:func:`fedsim.superlink.run.run_flower` falls back to this module (one INFO line saying why).
 
-So fedsim keeps ``run_simulation`` while Flower ships it and drops exactly one log record:
-Flower's "DEPRECATED FEATURE: The `run_simulation` function is deprecated" warning, which
-would tell every user to change something they do not call (and breaks the progress bar's
-line). Every other Flower message, deprecation notices included, still reaches the user.
-A Flower without ``run_simulation`` is refused with one line naming the installed version.
+Here fedsim drops exactly one log record: Flower's "DEPRECATED FEATURE: The `run_simulation`
+function is deprecated" warning, which would tell every user to change something they do not
+call (and breaks the progress bar's line). Every other Flower message, deprecation notices
+included, still reaches the user. A Flower without ``run_simulation`` is refused with one line
+naming the installed version.
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsim.engine.client import make_client_app
+from fedsim.engine.client import client_runtime, make_client_app
 from fedsim.engine.flower_simulation import run_flower_simulation
 from fedsim.engine.grid import InlineGrid, StoppableGrid
 from fedsim.engine.server import FederatedRun
+from fedsim.engine.vectorized import VectorizedGrid
 
 
 def node_config(partition_id: int, num_partitions: int) -> dict[str, int]:
@@ -24,7 +25,8 @@ def node_config(partition_id: int, num_partitions: int) -> dict[str, int]:
 
 
 def run_inline(experiment: FederatedRun) -> None:
-    """Clients run one after another in this process, each with a persistent Context."""
+    """Clients run one after another in this process, each with a persistent Context
+    (``runtime.vectorize``: a round's eligible clients at once, fedsim.engine.vectorized)."""
     sc = experiment.scenario
     n = experiment.num_clients
     client_app = make_client_app(sc, str(experiment.run.path))
@@ -34,7 +36,13 @@ def run_inline(experiment: FederatedRun) -> None:
         for i in range(n)
     }
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
-    grid = InlineGrid(client_app, contexts, timeout_s=sc.faults.client_timeout_s)
+    if sc.runtime.vectorize:  # cohorts trained at once (fedsim.engine.vectorized)
+        run_dir = str(experiment.run.path)
+        grid: InlineGrid = VectorizedGrid(
+            client_app, contexts, lambda: client_runtime(sc.model_dump_json(), run_dir), sc, sc.faults.client_timeout_s
+        )
+    else:
+        grid = InlineGrid(client_app, contexts, timeout_s=sc.faults.client_timeout_s)
     experiment.drive(grid)
 
 

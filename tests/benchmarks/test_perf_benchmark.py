@@ -36,12 +36,18 @@ def test_bare_loop_rejects_what_it_does_not_reproduce(tmp_path):
         check_supported(load_scenario(str(path), []))
 
 
-def test_vmapped_clients_match_sequential_ones():
-    res = jobs.vmap_clients(
-        {"clients": 3, "steps": 2, "reps": 1, "width": 8, "batch": 8, "data": {"dataset": "toy", "image_size": 16}}
-    )
-    assert res["clients"] == 3 and res["sequential_s"] > 0 and res["vmap_s"] > 0
-    assert res["max_param_diff"] < 1e-4
+def test_cohort_job_times_the_same_training_both_ways(tmp_path):
+    path = write_scenario(tmp_path / "toy.yaml", rounds=3, evaluation={"every": 3}, model={"normalization": "gn"})
+    out = {}
+    for side, extra in (("seq", []), ("vec", ["runtime.vectorize=true"])):
+        out[side] = jobs.cohort({"scenario": str(path), "overrides": extra, "save": str(tmp_path / f"{side}.npz")})
+    seq, vec = out["seq"], out["vec"]
+    assert len(seq["train_s"]) == len(vec["train_s"]) == 3 and min(seq["train_s"] + vec["train_s"]) > 0
+    assert seq["steps"] == vec["steps"] == [8 * 5] * 3  # 8 clients x 80 samples / batch 16, every round
+    assert seq["cohorts"] == [] and vec["cohorts"] == [8, 8, 8] and vec["fallbacks"] == []
+    with np.load(tmp_path / "seq.npz") as a, np.load(tmp_path / "vec.npz") as b:
+        assert a.files == b.files
+        assert max(float(np.abs(a[k] - b[k]).max()) for k in a.files) < 1e-5
 
 
 def test_tta_job_times_every_adapter_without_the_cloud():

@@ -7,17 +7,25 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+import tomllib
 
 import pytest
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 from flwr.supercore.logger import warn_deprecated_feature
+from flwr.supercore.utils import simulation_config_from_json
 
+from fedsim.config import Scenario
 from fedsim.engine.flower_simulation import (
     RUN_SIMULATION_DEPRECATION,
     FlowerSimulationUnavailable,
+    flower_version,
     quiet_run_simulation_deprecation,
     simulation_entry,
 )
+from fedsim.registry import import_object
+from fedsim.superlink.run import APP_PYPROJECT, fallback_reason, federation_config
 
 
 class Collect(logging.Handler):
@@ -75,3 +83,43 @@ def test_a_flower_without_run_simulation_is_refused_in_one_line(monkeypatch):
         simulation_entry()
     text = str(info.value)
     assert "\n" not in text and "has no flwr.simulation.run_simulation" in text and "runtime: inline" in text
+
+
+# -- which path engine: flower takes (fedsim.superlink.run) ---------------------------------
+def ray_scenario(**runtime) -> Scenario:
+    return Scenario.model_validate({"runtime": {"name": "ray", "engine": "flower", **runtime}})
+
+
+def test_the_supported_path_unless_flower_or_its_federation_config_cannot_carry_the_scenario(monkeypatch):
+    assert fallback_reason(ray_scenario(cpus_per_client=2)) is None
+    assert fallback_reason(ray_scenario(cpus_per_client=0.5)).startswith(
+        "runtime.cpus_per_client=0.5: Flower's federation config takes whole CPUs per client"
+    )
+    assert fallback_reason(ray_scenario(address="127.0.0.1:6379")).startswith(
+        "runtime.address=127.0.0.1:6379: Flower's federation config has no Ray address"
+    )
+    # A Flower release without the SuperLink simulation runtime (the module gone, as there)
+    monkeypatch.setitem(sys.modules, "flwr.simulation.app", None)
+    assert fallback_reason(ray_scenario()) == (
+        f"flwr {flower_version()} has no SuperLink simulation runtime "
+        "(flower-superlink --simulation with a federation config)"
+    )
+
+
+def test_federation_config_carries_clients_and_resources_as_flower_reads_them():
+    config = federation_config(ray_scenario(cpus_per_client=2, gpus_per_client=0.5), 12)
+    assert config["num-supernodes"] == 12
+    assert config["client-resources-num-cpus"] == 2 and isinstance(config["client-resources-num-cpus"], int)
+    assert config["client-resources-num-gpus"] == 0.5
+    # every key is a field of Flower's SimulationConfig (flwr run turns '-' into '_')
+    sim = simulation_config_from_json({k.replace("-", "_"): v for k, v in config.items()})
+    assert sim.num_supernodes == 12 and sim.client_resources_num_cpus == 2
+
+
+def test_the_submitted_app_declares_no_dependencies_and_fedsims_components():
+    app = tomllib.loads(APP_PYPROJECT.format(version="0"))
+    assert app["project"]["dependencies"] == []  # nothing for Flower to install
+    components = app["tool"]["flwr"]["app"]["components"]
+    assert isinstance(import_object(components["serverapp"]), ServerApp)
+    assert isinstance(import_object(components["clientapp"]), ClientApp)
+    assert set(app["tool"]["flwr"]["app"]["config"]) == {"run-dir", "scenario-json", "resume", "owner-pid", "outcome"}

@@ -6,6 +6,7 @@ a crashing runtime), leaving no Ray process behind (see also conftest's
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import TEST_TOKEN_ENV, describe, stop_pids, write_scenario
 
+import fedsim.api as fedsim_api
 from fedsim.cli import main
 from fedsim.cli.edge import write_app
 from fedsim.data.loading import num_clients
@@ -303,3 +305,133 @@ def test_fedsim_app_on_flowers_simulation_runtime_matches_inline(toy_yaml, tmp_p
         assert ra["bytes_up"] == rb["bytes_up"] and ra["bytes_down"] == rb["bytes_down"]
         assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=1e-6)
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+
+
+# -- engine: flower, through Flower's supported path or its fallback (fedsim.superlink.run) ---
+FLOWER = ["runtime=ray", "runtime.engine=flower"]
+
+
+def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert ra["bytes_up"] == rb["bytes_up"] and ra["bytes_down"] == rb["bytes_down"]
+        assert ra["per_client"].keys() == rb["per_client"].keys()
+        assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=1e-6)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+        for d in ra["per_domain"]:
+            assert ra["per_domain"][d] == pytest.approx(rb["per_domain"][d], abs=1e-6)
+        sa, sb = ra["strategy_metrics"], rb["strategy_metrics"]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if not k.endswith("_s"):
+                assert sa[k] == pytest.approx(sb[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        # FedBN: client state (local BN) kept in the run folder between rounds
+        ["strategy.name=fedbn", "strategy.args={fraction_train: 0.5}"],
+    ],
+    ids=["fedbn"],
+)
+def test_flower_engine_runs_on_flowers_supported_path_and_agrees(toy_yaml, tmp_path, strategy, capfd, caplog):
+    """``engine: flower`` with whole CPUs per client: fedsim's app on a private
+    ``flower-superlink --simulation`` through ``flwr run`` (Flower's own log of the run,
+    forwarded, shows its simulated SuperNodes and actor pool: the federation config's clients
+    and client resources), inline's metrics, no dependency installation, no deprecation text,
+    no fallback."""
+    common = [*strategy, "runtime.num_threads=1"]
+    assert main(["run", str(toy_yaml), *common, "--out", str(tmp_path / "inline")]) == 0
+    capfd.readouterr()
+    # The Python API with verbose=True leaves Flower's logger as the caller set it: Flower's
+    # DEBUG lines of the run are then asked for (federation config's verbose) and forwarded.
+    caplog.set_level(logging.DEBUG, logger="flwr")
+    caplog.set_level(logging.DEBUG, logger="fedsim.runtime")
+    fedsim_api.run(str(toy_yaml), [*common, *FLOWER, ONE_ACTOR], out=tmp_path / "flower", verbose=True)
+    out, err = capfd.readouterr()
+    assert "DEPRECATED FEATURE" not in out + err, (out + err)[-3000:]
+    assert "fallback" not in err, err[-3000:]
+    runtime = [r.getMessage() for r in caplog.records if r.name == "fedsim.runtime"]
+    assert any(m.startswith("run ") and "submitted" in m for m in runtime), runtime
+    flower = [r.getMessage() for r in caplog.records if r.name == "flwr"]
+    assert any("(8 simulated SuperNodes)" in m for m in flower), flower[-30:]
+    assert any("Constructed ActorPool with: 1 actors" in m for m in flower), flower[-30:]
+    assert not any("Installing application dependencies" in m or "uv sync" in m for m in flower)
+    assert_same_metrics(metrics(tmp_path / "inline"), metrics(tmp_path / "flower"))
+
+
+def test_flower_engine_falls_back_to_run_simulation_with_its_reason(toy_yaml, tmp_path, capfd):
+    """Half a CPU per client cannot be said in Flower's federation config (an integer): the
+    run goes through ``run_simulation`` in this process, says why in one INFO line, prints no
+    deprecation, and gives inline's metrics."""
+    common = ["runtime.num_threads=1"]
+    assert main(["run", str(toy_yaml), *common, "--out", str(tmp_path / "inline")]) == 0
+    capfd.readouterr()
+    assert (
+        main(["run", str(toy_yaml), *common, *FLOWER, "runtime.cpus_per_client=0.5", "--out", str(tmp_path / "fb")])
+        == 0
+    )
+    out, err = capfd.readouterr()
+    assert "DEPRECATED FEATURE" not in out + err, (out + err)[-3000:]
+    notes = [line for line in err.splitlines() if line.startswith("INFO: runtime ray")]
+    assert notes == [
+        "INFO: runtime ray: Flower's run_simulation (fallback), since runtime.cpus_per_client=0.5: Flower's "
+        "federation config takes whole CPUs per client (client-resources-num-cpus is an integer)"
+    ], err[-3000:]
+    assert_same_metrics(metrics(tmp_path / "inline"), metrics(tmp_path / "fb"))
+
+
+def test_flower_engine_failure_is_one_line_and_leaves_nothing_running(tmp_path):
+    """A run that fedsim stops (every client fails) on Flower's supported path: exit code 1,
+    the RunFailure's one line (from the ServerApp in Flower's simulation process), no
+    deprecation, and every process the SuperLink started is gone (conftest's token check)."""
+    path = write_scenario(
+        tmp_path / "s.yaml",
+        rounds=2,
+        runtime={"name": "ray", "engine": "flower", "cpus_per_client": os.cpu_count() or 1},
+        faults={"failure_prob": 1.0, "max_round_retries": 0},
+    )
+    proc = fedsim("run", str(path), "--out", str(tmp_path / "run"))
+    out, err = finish(proc, timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "round 1: only 0 of 8 clients succeeded" in errors[0], err[-3000:]
+    assert "DEPRECATED FEATURE" not in out + err
+    assert gone(proc.pid) == []
+
+
+def test_flower_engine_kill_9_leaves_nothing_running_and_resumes(tmp_path):
+    """``kill -9`` of ``fedsim run`` on Flower's supported path (no finally runs): its watchdog
+    (fedsim.superlink.reaper) stops the SuperLink, SuperExec, flwr-simulation and the private
+    Ray within seconds and removes the run's temporary folder; ``--resume`` finishes the run."""
+    runtime = {"name": "ray", "engine": "flower", "cpus_per_client": os.cpu_count() or 1}
+    path = write_scenario(tmp_path / "s.yaml", rounds=6, runtime=runtime)
+    out = tmp_path / "run"
+    proc = fedsim("run", str(path), "--out", str(out))
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    test_token = os.environ[TEST_TOKEN_ENV]
+    started = set(processes_with_token(test_token, env=TEST_TOKEN_ENV)) - {proc.pid}
+    watchdogs = [p for p in started if b"fedsim.superlink.reaper" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(watchdogs) == 1 and len(started) >= 4, describe(list(started))  # + SuperLink, SuperExec, ...
+    tmpdir = Path(Path(f"/proc/{watchdogs[0]}/cmdline").read_bytes().split(b"\0")[6].decode())
+    assert tmpdir.is_dir()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    deadline = time.monotonic() + 60
+    while (left := processes_with_token(test_token, env=TEST_TOKEN_ENV)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == [], describe(left)
+    assert not tmpdir.exists()
+    done = metrics.read_text().count("\n")
+    assert 1 <= done < 6
+    resumed = fedsim("run", "--resume", str(out))
+    _, err = finish(resumed, timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert metrics.read_text().count("\n") == 6

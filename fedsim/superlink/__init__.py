@@ -1,0 +1,1 @@
+"""fedsim run on Flower's supported simulation path: a private ``flower-superlink --simulation`` and ``flwr run``."""
