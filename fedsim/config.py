@@ -37,14 +37,22 @@ __all__ = [
 
 
 class RuntimeConfig(Section):
-    """Where clients run. ``inline``: in-process, one after another. ``ray``: Flower's
-    simulation engine on Ray (``address`` joins an existing cluster, e.g. ``auto``)."""
+    """Where clients run. ``inline``: in-process, one after another. ``ray``: on Ray, by the
+    engine ``engine`` names (``address`` joins an existing cluster, e.g. ``auto``)."""
 
     name: Literal["inline", "ray"] = "inline"
-    # Which engine runs the clients under ``name: ray``. ``flower``: Flower's own simulation
-    # engine (fedsim.engine.flower_simulation). ``pool``: fedsim's persistent worker actors
-    # (fedsim.engine.ray_pool).
-    engine: Literal["pool", "flower"] = "flower"
+    # Which engine runs the clients under ``name: ray``. ``pool`` (default): fedsim's
+    # persistent worker actors and the driver on one work queue (fedsim.engine.ray_pool).
+    # ``flower``: Flower's own simulation engine (fedsim.superlink.run).
+    engine: Literal["pool", "flower"] = "pool"
+    # pool engine: client worker actors. None: matched to the cores other processes leave
+    # free (less the driver's own), or to the cluster's resources with ``address``; 0: no
+    # Ray, the driver runs every client.
+    workers: int | None = Field(None, ge=0, le=4096)
+    # pool engine: the driver also runs client calls from the work queue (while Ray starts
+    # and alongside the workers). False: only workers run clients (the driver waits for the
+    # first; e.g. a cluster whose driver node should not train).
+    driver_runs_clients: bool = True
     # Upper bounds: no machine has more; a local Ray cluster is also checked against this
     # machine's CPUs and GPUs (fedsim.scenario), since Ray waits forever for resources.
     cpus_per_client: float = Field(1.0, gt=0, le=1024)
@@ -62,6 +70,12 @@ class RuntimeConfig(Section):
     @classmethod
     def _default_threads(cls, value: Any) -> Any:
         return 1 if value is None else value  # run folders written before the default was 1
+
+    @model_validator(mode="after")
+    def _someone_runs_clients(self) -> RuntimeConfig:
+        if self.workers == 0 and not self.driver_runs_clients:
+            raise ValueError("workers: 0 with driver_runs_clients: false leaves no one to run the clients")
+        return self
 
 
 class ModelConfig(Section):

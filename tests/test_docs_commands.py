@@ -57,7 +57,7 @@ RULES: list[tuple[str, str]] = [
     ),
 ]
 # Run, but changed, and why: what the change removes is tested elsewhere.
-RAY_TO_INLINE = "runtime=ray runs on Flower's simulation engine on Ray (tests/engine/test_ray_runtime.py, marker ray); here it runs inline, which checks everything else about the line (its arguments, its folders)"
+RAY_TO_INLINE = "runtime=ray runs its clients on Ray (tests/engine/test_ray_runtime.py, marker ray); here it runs inline, which checks everything else about the line (its arguments, its folders)"
 
 TINY_DATA = {
     "data.dataset": "toy",

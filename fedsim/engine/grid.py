@@ -36,6 +36,18 @@ from fedsim.engine.client import HELLO
 DISCOVER_CHUNK = 1000
 
 
+def call_client(client_app: ClientApp, msg: Message, context: Context) -> tuple[Message, float]:
+    """One ClientApp call and how long it took; a client that raises answers with an
+    ``Error`` reply (a failing client must not stop the round). Every runtime that runs
+    ClientApp calls itself (inline, the Ray pool's driver and workers) goes through here."""
+    t0 = time.perf_counter()
+    try:
+        reply = client_app(msg, context)
+    except Exception as exc:  # noqa: BLE001 - any client failure becomes its reply
+        reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+    return reply, time.perf_counter() - t0
+
+
 class InlineGrid(Grid):
     """Runs the ClientApp in this process; node ``i`` holds partition ``i``."""
 
@@ -67,13 +79,8 @@ class InlineGrid(Grid):
         return {node: int(ctx.node_config["partition-id"]) for node, ctx in self.contexts.items()}
 
     def _deliver(self, msg: Message) -> Message | None:
-        context = self.contexts[msg.metadata.dst_node_id]
-        t0 = time.perf_counter()
-        try:
-            reply = self.client_app(msg, context)
-        except Exception as exc:  # a failing client must not stop the round
-            return Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-        if self.timeout_s is not None and time.perf_counter() - t0 > self.timeout_s:
+        reply, elapsed = call_client(self.client_app, msg, self.contexts[msg.metadata.dst_node_id])
+        if self.timeout_s is not None and elapsed > self.timeout_s and not reply.has_error():
             return None  # arrived too late: the server has moved on
         return reply
 
@@ -275,4 +282,4 @@ class StoppableGrid(Grid):
         return replies
 
 
-__all__ = ["ArrayRecord", "InlineGrid", "PartitionGrid", "RunStopped", "StoppableGrid", "Traffic"]
+__all__ = ["ArrayRecord", "InlineGrid", "call_client", "PartitionGrid", "RunStopped", "StoppableGrid", "Traffic"]

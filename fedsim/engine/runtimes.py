@@ -16,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsim.engine.client import client_runtime, make_client_app
 from fedsim.engine.flower_simulation import run_flower_simulation
 from fedsim.engine.grid import InlineGrid, StoppableGrid
+from fedsim.engine.ray_pool import PoolStartFailed, run_pool
 from fedsim.engine.server import FederatedRun
 from fedsim.engine.vectorized import VectorizedGrid
 
@@ -24,17 +25,21 @@ def node_config(partition_id: int, num_partitions: int) -> dict[str, int]:
     return {"partition-id": partition_id, "num-partitions": num_partitions}
 
 
+def node_contexts(n: int) -> dict[int, Context]:
+    """A persistent Context per node. Node ids are arbitrary (as in Flower): strategies only
+    ever see partition ids."""
+    return {
+        1000 + i: Context(run_id=1, node_id=1000 + i, node_config=node_config(i, n), state=RecordDict(), run_config={})
+        for i in range(n)
+    }
+
+
 def run_inline(experiment: FederatedRun) -> None:
     """Clients run one after another in this process, each with a persistent Context
     (``runtime.vectorize``: a round's eligible clients at once, fedsim.engine.vectorized)."""
     sc = experiment.scenario
-    n = experiment.num_clients
     client_app = make_client_app(sc, str(experiment.run.path))
-    # Node ids are arbitrary (as in Flower): strategies only ever see partition ids.
-    contexts = {
-        1000 + i: Context(run_id=1, node_id=1000 + i, node_config=node_config(i, n), state=RecordDict(), run_config={})
-        for i in range(n)
-    }
+    contexts = node_contexts(experiment.num_clients)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
     if sc.runtime.vectorize:  # cohorts trained at once (fedsim.engine.vectorized)
         run_dir = str(experiment.run.path)
@@ -89,7 +94,26 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def run_ray(experiment: FederatedRun) -> None:
-    """Flower's simulation engine on Ray (joins a cluster when runtime.address is set).
+    """``runtime: ray``: the engine ``runtime.engine`` names, on Ray (joins a cluster when
+    runtime.address is set): ``pool`` (:mod:`fedsim.engine.ray_pool`), or ``flower``
+    through ``run_simulation`` (what :mod:`fedsim.superlink.run` falls back to)."""
+    rt = experiment.scenario.runtime
+    if rt.engine == "flower":
+        return run_ray_simulation(experiment)
+    try:
+        run_pool(
+            experiment,
+            node_contexts(experiment.num_clients),
+            ray_init_args(rt.address, rt.cpus_per_client),
+            ACTOR_RETRIES,
+        )
+    except PoolStartFailed as exc:
+        raise RayRuntimeError(str(exc)) from exc
+
+
+def run_ray_simulation(experiment: FederatedRun) -> None:
+    """Flower's simulation engine on Ray through ``run_simulation`` (joins a cluster when
+    runtime.address is set): ``engine: flower``'s fallback (:mod:`fedsim.superlink.run`).
 
     Ends in bounded time whatever happens: the ServerApp sees a :class:`StoppableGrid`
     that is stopped as soon as Flower's simulation returns or raises (Ctrl-C included),

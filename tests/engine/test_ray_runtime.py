@@ -1,4 +1,4 @@
-"""The ray runtime (Flower's simulation engine on Ray): agrees with the inline runtime,
+"""The ray runtime (its pool engine, and Flower's simulation engine on Ray): agrees with the inline runtime,
 starts a private Ray or joins a given cluster, and always ends in bounded time (Ctrl-C,
 a crashing runtime), leaving no Ray process behind (see also conftest's
 ``_no_leftover_processes``)."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,29 +39,44 @@ def metrics(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [
-        ["strategy.name=fedbn", "strategy.args={fraction_train: 0.5}"],
-        ["strategy.name=ef21", "strategy.args={fraction_train: 0.5, compressor: 'randk:0.1', init: zero}"],
-        # FedWon: no normalization layers, AGC in the clients' steps
-        ["strategy.name=fedwon", "model.normalization=none", "strategy.args={agc_lambda: 1.0, fraction_train: 0.5}"],
-        # FedTiny: candidate selection through forward-only evaluate tasks, masks, pruning/growing
-        [
-            "strategy.name=fedtiny",
-            "strategy.args={density: 0.3, num_candidates: 2, delta_t: 1, t_end: 3, fraction_train: 0.5}",
-        ],
+STRATEGIES = {
+    "fedbn": ["strategy.name=fedbn", "strategy.args={fraction_train: 0.5}"],
+    "ef21-randk": ["strategy.name=ef21", "strategy.args={fraction_train: 0.5, compressor: 'randk:0.1', init: zero}"],
+    # FedWon: no normalization layers, AGC in the clients' steps
+    "fedwon": [
+        "strategy.name=fedwon",
+        "model.normalization=none",
+        "strategy.args={agc_lambda: 1.0, fraction_train: 0.5}",
     ],
-    ids=["fedbn", "ef21-randk", "fedwon", "fedtiny"],
+    # FedTiny: candidate selection through forward-only evaluate tasks, masks, pruning/growing
+    "fedtiny": [
+        "strategy.name=fedtiny",
+        "strategy.args={density: 0.3, num_candidates: 2, delta_t: 1, t_end: 3, fraction_train: 0.5}",
+    ],
+}
+# The pool engine with two worker actors and the driver running no client itself, so that
+# every client call runs in a Ray worker process (the pool's log line proves it).
+POOL_WORKERS = [
+    "runtime.name=ray",
+    "runtime.engine=pool",
+    "runtime.workers=2",
+    "runtime.cpus_per_client=1",
+    "runtime.driver_runs_clients=false",
+]
+POOL_LINE = re.compile(
+    r"runtime ray \(pool\): (\d+) workers.*; (\d+) client calls, (\d+) in the driver, (\d+) in (\d+) worker processes"
 )
-def test_ray_and_inline_agree(toy_yaml, tmp_path, strategy, capfd):
-    common = [*strategy, "runtime.num_threads=1"]
-    assert main(["run", str(toy_yaml), *common, "--out", str(tmp_path / "inline")]) == 0
-    assert main(["run", str(toy_yaml), *common, "runtime=ray", ONE_ACTOR, "--out", str(tmp_path / "ray")]) == 0
-    # Flower's run_simulation deprecation notice never reaches the user (fedsim.engine.flower_simulation)
-    out, err = capfd.readouterr()
-    assert "DEPRECATED FEATURE" not in out + err, (out + err)[-3000:]
-    a, b = metrics(tmp_path / "inline"), metrics(tmp_path / "ray")
+
+
+def pool_calls(caplog) -> tuple[int, int, int, int]:
+    """(workers, calls, calls in the driver, worker processes that ran calls) from the pool's log line."""
+    lines = [m for r in caplog.records if (m := POOL_LINE.search(r.getMessage()))]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    workers, total, driver, _, processes = map(int, lines[0].groups())
+    return workers, total, driver, processes
+
+
+def assert_agree(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
         assert ra["bytes_up"] == rb["bytes_up"] and ra["bytes_down"] == rb["bytes_down"]
@@ -76,6 +92,103 @@ def test_ray_and_inline_agree(toy_yaml, tmp_path, strategy, capfd):
         for k in sa:
             if not k.endswith("_s"):
                 assert sa[k] == pytest.approx(sb[k], rel=1e-4, abs=1e-6), k
+        assert [(f["client"], f["reason"]) for f in ra["failures"]] == [
+            (f["client"], f["reason"]) for f in rb["failures"]
+        ]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "engine"),
+    # engine: flower's agreement: test_flower_engine_runs_on_flowers_supported_path_and_agrees
+    [pytest.param(name, "pool", id=f"{name}-pool") for name in STRATEGIES],
+)
+def test_ray_and_inline_agree(toy_yaml, tmp_path, strategy, engine, capfd, caplog):
+    caplog.set_level(logging.INFO, logger="fedsim.engine.ray_pool")
+    common = [*STRATEGIES[strategy], "runtime.num_threads=1"]
+    assert main(["run", str(toy_yaml), *common, "--out", str(tmp_path / "inline")]) == 0
+    assert main(["run", str(toy_yaml), *common, *POOL_WORKERS, "--out", str(tmp_path / "ray")]) == 0
+    # Flower's run_simulation deprecation notice never reaches the user (fedsim.engine.flower_simulation)
+    out, err = capfd.readouterr()
+    assert "DEPRECATED FEATURE" not in out + err, (out + err)[-3000:]
+    workers, calls, driver, processes = pool_calls(caplog)
+    assert workers == 2 and calls > 0 and driver == 0 and processes >= 1
+    assert_agree(metrics(tmp_path / "inline"), metrics(tmp_path / "ray"))
+
+
+def test_pool_faults_and_timeouts_as_inline(toy_yaml, tmp_path, caplog):
+    """Injected failures, NaN replies and stragglers past the timeout on the pool's workers
+    (and the driver) drop the same clients as on the inline runtime."""
+    caplog.set_level(logging.INFO, logger="fedsim.engine.ray_pool")
+    faults = [
+        "faults.failure_prob=0.2",
+        "faults.nan_prob=0.2",
+        "faults.straggler_prob=0.3",
+        "faults.straggler_delay_s=1.5",
+        "faults.client_timeout_s=1.0",
+        "faults.min_success_fraction=0.25",
+        "runtime.num_threads=1",
+    ]
+    assert main(["run", str(toy_yaml), *faults, "--out", str(tmp_path / "inline")]) == 0
+    pool = ["runtime.name=ray", "runtime.engine=pool", "runtime.workers=1", "runtime.cpus_per_client=1"]
+    assert main(["run", str(toy_yaml), *faults, *pool, "--out", str(tmp_path / "pool")]) == 0
+    a, b = metrics(tmp_path / "inline"), metrics(tmp_path / "pool")
+    reasons = {f["reason"].split(":")[0] for r in a for f in r["failures"]}
+    assert {"error", "no reply (timeout)", "non-finite values (NaN/Inf) in update"} <= reasons
+    assert_agree(a, b)
+    assert pool_calls(caplog)[0] == 1
+
+
+DYING = '''
+import os
+from pathlib import Path
+
+from fedsim.strategies.fedbn import FedBN, FedBNClient
+
+
+class DyingOnceClient(FedBNClient):
+    """FedBN's client, whose process dies the first time a worker (not the test's
+    own process) loads client 1's round-2 message."""
+
+    def load(self, model, received, state):
+        marker = Path(os.environ["FEDSIM_TEST_DIE_ONCE"])
+        if (
+            os.getpid() != int(os.environ["FEDSIM_TEST_DRIVER_PID"])
+            and state.server_round == 2
+            and state.folder.name == "1"
+            and not marker.exists()
+        ):
+            marker.write_text(str(os.getpid()))
+            os._exit(1)
+        super().load(model, received, state)
+
+
+class DyingOnce(FedBN):
+    client_hooks = "fedsim_test_dying:DyingOnceClient"
+'''
+
+
+def test_pool_worker_death_is_restarted_with_the_same_result(toy_yaml, tmp_path, monkeypatch, caplog):
+    """A worker process that dies in the middle of a client call is restarted by Ray and
+    the call retried: the run ends as the inline run does, and the calls ran in two
+    worker processes (the one that died and its replacement)."""
+    caplog.set_level(logging.INFO, logger="fedsim.engine.ray_pool")
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "fedsim_test_dying.py").write_text(DYING)
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FEDSIM_TEST_DIE_ONCE", str(tmp_path / "died"))
+    monkeypatch.setenv("FEDSIM_TEST_DRIVER_PID", str(os.getpid()))
+    common = ["strategy.name=fedsim_test_dying:DyingOnce", "runtime.num_threads=1"]
+    assert main(["run", str(toy_yaml), *common, "--out", str(tmp_path / "inline")]) == 0
+    pool = POOL_WORKERS[:2] + ["runtime.workers=1", "runtime.driver_runs_clients=false"]
+    assert main(["run", str(toy_yaml), *common, *pool, "--out", str(tmp_path / "pool")]) == 0
+    assert (tmp_path / "died").is_file(), "the worker never died"
+    workers, calls, driver, processes = pool_calls(caplog)
+    assert workers == 1 and driver == 0 and processes == 2
+    a, b = metrics(tmp_path / "inline"), metrics(tmp_path / "pool")
+    assert all(not r["failures"] for r in b)  # the retried call succeeded
+    assert_agree(a, b)
 
 
 # -- fedsim run as a real process ----------------------------------------------------------
@@ -133,9 +246,8 @@ def test_ctrl_c_ends_the_run_keeps_rounds_and_resumes(tmp_path):
     """SIGINT to the run's process group (what Ctrl-C in a terminal does) during a Ray run:
     it ends within a minute, says how to resume, keeps the finished rounds, leaves no Ray
     process, and the advised ``--resume`` finishes the run."""
-    path = write_scenario(
-        tmp_path / "s.yaml", rounds=30, runtime={"name": "ray", "cpus_per_client": os.cpu_count() or 1}
-    )
+    # the default engine, with one worker actor (the automatic count may be 0 on a loaded machine)
+    path = write_scenario(tmp_path / "s.yaml", rounds=30, runtime={"name": "ray", "workers": 1})
     out = tmp_path / "run"
     proc = fedsim("run", str(path), "--out", str(out))
     metrics = out / "metrics.jsonl"
