@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from fedsim.schema import MAX_SEED, Section
 
@@ -212,6 +212,11 @@ class FoundationConfig(Section):
         default_factory=list,
         description="train on a copy of the data in which half the images carry one of these corruptions at a random severity (a stand-in for a large model's robustness; keep them apart from the streams' corruptions)",
     )
+    train_per_domain: int | None = Field(
+        None,
+        ge=1,
+        description="with train_data: domains, build each domain's train split with this many images (datasets with a train_per_domain option, e.g. digits5; the test split is unchanged): more data than the edges trained on, as a large pre-trained model has seen; default: the run's split",
+    )
 
     @field_validator("augment_corruptions")
     @classmethod
@@ -222,6 +227,12 @@ class FoundationConfig(Section):
             if name not in CORRUPTIONS:
                 raise ValueError(f"unknown corruption '{name}' (known: {', '.join(CORRUPTIONS)})")
         return value
+
+    @model_validator(mode="after")
+    def _train_per_domain(self) -> FoundationConfig:
+        if self.train_per_domain is not None and self.train_data != "domains":
+            raise ValueError("train_per_domain needs train_data: domains (the clients' shares have a fixed size)")
+        return self
 
 
 class AdaptationConfig(Section):

@@ -139,12 +139,26 @@ def deploy_arrays(
 # -- CEMA's foundation model -------------------------------------------------------------
 
 
-def pooled_train_data(scenario: Scenario, train_data: str = "clients") -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_train_data(
+    scenario: Scenario, train_data: str = "clients", train_per_domain: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The union of all clients' train data (float [N, C, H, W] in [0, 1], int64 [N]);
-    ``train_data="domains"``: the whole train split of every domain a client trained on."""
+    ``train_data="domains"``: the whole train split of every domain a client trained on,
+    built with ``train_per_domain`` images per domain when given (the dataset's
+    ``train_per_domain`` option; a dataset without one is an error naming the setting)."""
     if train_data not in ("clients", "domains"):
         raise ValueError(f"train_data must be clients or domains (got {train_data!r})")
+    if train_per_domain is not None and train_data != "domains":
+        raise ValueError("train_per_domain needs train_data='domains'")
     ds = load_dataset(scenario.data)
+    if train_per_domain is not None:
+        bigger = scenario.data.model_copy(
+            update={"options": {**scenario.data.options, "train_per_domain": int(train_per_domain)}}
+        )
+        try:
+            ds = load_dataset(bigger)
+        except ScenarioError as exc:
+            raise ScenarioError(f"foundation.train_per_domain: {exc}") from None
     pooled: dict[str, list[np.ndarray]] = {}
     for part in partitions(scenario.data, scenario.seed):
         for d, idx in part.train.items():
@@ -195,8 +209,12 @@ def corrupted_copy(x: torch.Tensor, names: list[str], seed: int) -> torch.Tensor
 
 
 def foundation_key(scenario: Scenario, cfg: FoundationConfig) -> str:
+    settings = cfg.model_dump()
+    if settings.get("train_per_domain") is None:
+        # unset = the run's split: foundations cached before the setting existed keep their key
+        settings.pop("train_per_domain", None)
     blob = json.dumps(
-        {"foundation": cfg.model_dump(), "data": scenario.data.model_dump(), "seed": scenario.seed, "v": 1},
+        {"foundation": settings, "data": scenario.data.model_dump(), "seed": scenario.seed, "v": 1},
         sort_keys=True,
         default=str,
     )
@@ -231,7 +249,7 @@ def foundation_model(
         except (OSError, ValueError, ScenarioError):
             pass  # unreadable or stale: train again
     device = device or torch.device("cpu")
-    x, y = pooled_train_data(sc, cfg.train_data)
+    x, y = pooled_train_data(sc, cfg.train_data, cfg.train_per_domain)
     if cfg.augment_corruptions:
         x = corrupted_copy(x, list(cfg.augment_corruptions), int(seed))
     model.to(device).train()

@@ -3,6 +3,7 @@ its teacher adapter, and the foundation settings it relies on (train_data, augme
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -41,12 +42,16 @@ def test_benchmark_runs_end_to_end_on_the_tiny_regime(tmp_path):
             assert {tta.tent_label(lr) for lr in reg.tent_lr} <= set(res)
         c = seed["C"]["results"]
         assert c["upload_all"]["upload_fraction"] == 1.0
-        assert {"teacher (test-batch BN)", "teacher (source BN)"} <= set(c)
-        assert set(seed["C-teacher"]["results"]) == {"source", "tbn", "teacher (test-batch BN)", "teacher (source BN)"}
+        teachers = {tta.TEACHER_LABEL, "teacher (test-batch BN)", "teacher (source BN)"}
+        assert teachers <= set(c)
+        assert set(seed["C-teacher"]["results"]) == {"source", "tbn", *teachers}
         # each edge stream plays samples_per_shift images per corruption
         assert c["source"]["samples_per_stream"] == reg.samples_per_shift * len(reg.corruptions)
         assert seed["C"]["foundation"]["settings"]["train_data"] == "domains"
         assert seed["C"]["foundation"]["settings"]["augment_corruptions"] == list(reg.foundation["augment_corruptions"])
+        # the teacher trains on a larger train split than the edges (train_per_domain)
+        n_domains = len(seed["C"]["foundation"]["domains"])
+        assert seed["C"]["foundation"]["train_samples"] == reg.foundation["train_per_domain"] * n_domains
     # the training seed follows the stream seed: two different source models
     runs = sorted(p.name for p in work.iterdir() if p.is_dir() and p.name.startswith("bench-tta-"))
     want = [
@@ -127,3 +132,61 @@ def test_corrupted_copy_corrupts_about_half_seeded_and_checks_names():
     assert FoundationConfig(augment_corruptions=["fog"]).augment_corruptions == ["fog"]
     with pytest.raises(ValueError, match="unknown corruption"):
         FoundationConfig(augment_corruptions=["fgo"])
+
+
+def test_teacher_tbr_predicts_with_running_test_statistics_set_by_the_first_batch():
+    from fedsim.adapters._norm import BatchRenorm
+
+    edge, foundation = small_bn_cnn(), small_bn_cnn(seed=3, width=12)
+    x1, x2 = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16) * 0.5
+    teacher = Teacher(edge, foundation=foundation, normalization="tbr")
+    renorms = [m for m in teacher.model.modules() if isinstance(m, BatchRenorm)]
+    assert renorms and not any(bool(m.initialized) for m in renorms)
+    p1 = teacher.predict_and_adapt(x1)
+    assert all(bool(m.initialized) and m.training for m in renorms)
+    # the first batch set the running statistics (to its own, then moved them towards its own:
+    # unchanged) and was predicted with them
+    assert torch.allclose(p1, copy.deepcopy(teacher.model).eval()(x1), atol=1e-5)
+    first = renorms[0].running_mean.clone()
+    frozen = copy.deepcopy(teacher.model).eval()  # the statistics as they are before x2
+    # the second batch is predicted with the statistics as they were, which it then moves
+    assert torch.allclose(teacher.predict_and_adapt(x2), frozen(x2), atol=1e-6)
+    assert not torch.allclose(renorms[0].running_mean, first)
+    # reset: back to unset statistics
+    teacher.reset()
+    assert not any(bool(m.initialized) for m in renorms)
+
+
+def test_foundation_train_per_domain_builds_a_larger_train_split_with_the_same_test_split(tmp_path):
+    data = {
+        "dataset": "digits5",
+        "image_size": 12,
+        "samples_per_client": 20,
+        "options": {"train_per_domain": 30, "test_per_domain": 10},
+    }
+    path = write_scenario(tmp_path / "s.yaml", data=data, client={"batch_size": 4})
+    sc = load_scenario(str(path), [])
+    x_d, y_d = pooled_train_data(sc, "domains")
+    x_big, y_big = pooled_train_data(sc, "domains", train_per_domain=50)
+    n_domains = len(load_dataset(sc.data).domains)
+    assert len(y_d) == 30 * n_domains and len(y_big) == 50 * n_domains
+    bigger = sc.data.model_copy(update={"options": {**sc.data.options, "train_per_domain": 50}})
+    for d, split in load_dataset(sc.data).domains.items():
+        assert torch.equal(torch.as_tensor(split.x_test), torch.as_tensor(load_dataset(bigger).domains[d].x_test))
+    with pytest.raises(ValueError, match="train_per_domain"):
+        FoundationConfig(train_per_domain=100)  # train_data defaults to the clients' shares
+    with pytest.raises(ValueError, match="train_per_domain"):
+        pooled_train_data(sc, "clients", train_per_domain=50)
+    assert FoundationConfig(train_data="domains", train_per_domain=100).train_per_domain == 100
+
+
+def test_a_finished_experiment_stays_reusable_when_a_setting_with_a_default_is_added():
+    from fedsim.tta.config import AdaptationConfig
+
+    cfg = AdaptationConfig.model_validate({"adapters": ["tbn"], "stream": {"corruptions": ["gaussian_noise"]}})
+    recorded = json.loads(cfg.model_dump_json())
+    del recorded["foundation"]["train_per_domain"]  # as written before the setting existed
+    assert tta.same_config(recorded, cfg)
+    recorded["foundation"]["epochs"] += 1
+    assert not tta.same_config(recorded, cfg)
+    assert not tta.same_config({"adapters": 3}, cfg) and not tta.same_config(None, cfg)
