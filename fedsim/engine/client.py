@@ -281,9 +281,16 @@ def client_runtime(scenario_json: str, run_dir: str | None) -> ClientRuntime:
     return _RUNTIMES[key]
 
 
-def make_client_app(scenario: Scenario, run_dir: str | None) -> ClientApp:
-    """Build the ClientApp for a scenario; ``run_dir`` holds client state between rounds."""
+def make_client_app(scenario: Scenario, run_dir: str | None, eager: bool = False) -> ClientApp:
+    """Build the ClientApp for a scenario; ``run_dir`` holds client state between rounds.
+
+    ``eager``: build this process's :class:`ClientRuntime` now, for runtimes that time each
+    call in this process (``faults.client_timeout_s``): its one-time setup (data, model,
+    torch's first optimizer importing torch._dynamo, 1.7 s here) must not count against the
+    first client called. Elsewhere it is built on the first call, where the data is needed."""
     scenario_json = scenario.model_dump_json()
+    if eager:
+        client_runtime(scenario_json, run_dir)._optimizer()
     app = ClientApp()
 
     @app.train()

@@ -48,13 +48,13 @@ def call_client(client_app: ClientApp, msg: Message, context: Context) -> tuple[
     return reply, time.perf_counter() - t0
 
 
-class InlineGrid(Grid):
-    """Runs the ClientApp in this process; node ``i`` holds partition ``i``."""
+class LocalGrid(Grid):
+    """Flower's ``Grid`` for runtimes that keep every node's ``Context`` in this process
+    (``contexts``: node id -> Context; node ``i`` holds partition ``i``). A subclass runs a
+    batch of messages in :meth:`_run_batch`; the replies are kept until pulled."""
 
-    def __init__(self, client_app: ClientApp, contexts: dict[int, Context], timeout_s: float | None = None) -> None:
-        self.client_app = client_app
+    def __init__(self, contexts: dict[int, Context]) -> None:
         self.contexts = contexts
-        self.timeout_s = timeout_s
         self._run = Run.create_empty(run_id=1)
         self._replies: dict[str, Message] = {}
 
@@ -78,27 +78,41 @@ class InlineGrid(Grid):
         discovery query round (a message to every node) is not needed."""
         return {node: int(ctx.node_config["partition-id"]) for node, ctx in self.contexts.items()}
 
-    def _deliver(self, msg: Message) -> Message | None:
-        reply, elapsed = call_client(self.client_app, msg, self.contexts[msg.metadata.dst_node_id])
-        if self.timeout_s is not None and elapsed > self.timeout_s and not reply.has_error():
-            return None  # arrived too late: the server has moved on
-        return reply
+    def _run_batch(self, messages: list[Message]) -> Iterable[Message]:
+        """The replies to ``messages`` that arrived in time (each names its message)."""
+        raise NotImplementedError
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
+        msgs = list(messages)
+        for msg in msgs:
             msg.metadata.__dict__["_message_id"] = str(uuid4())
-            reply = self._deliver(msg)
-            if reply is not None:
-                self._replies[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
+        for reply in self._run_batch(msgs):
+            self._replies[reply.metadata.reply_to_message_id] = reply
+        return [m.metadata.message_id for m in msgs]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return list(self.pull_messages(self.push_messages(messages)))
+
+
+class InlineGrid(LocalGrid):
+    """Runs the ClientApp in this process, one message after another."""
+
+    def __init__(self, client_app: ClientApp, contexts: dict[int, Context], timeout_s: float | None = None) -> None:
+        super().__init__(contexts)
+        self.client_app = client_app
+        self.timeout_s = timeout_s
+
+    def _deliver(self, msg: Message) -> Message | None:
+        reply, elapsed = call_client(self.client_app, msg, self.contexts[msg.metadata.dst_node_id])
+        if self.timeout_s is not None and elapsed > self.timeout_s and not reply.has_error():
+            return None  # arrived too late: the server has moved on
+        return reply
+
+    def _run_batch(self, messages: list[Message]) -> Iterable[Message]:
+        return [reply for msg in messages if (reply := self._deliver(msg)) is not None]
 
 
 @dataclass

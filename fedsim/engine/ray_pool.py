@@ -40,19 +40,16 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.config import Scenario
 from fedsim.data.loading import partitions
-from fedsim.engine.client import client_runtime, make_client_app
-from fedsim.engine.grid import call_client
+from fedsim.engine.client import make_client_app
+from fedsim.engine.grid import LocalGrid, call_client
 from fedsim.engine.server import FederatedRun
 
 log = logging.getLogger(__name__)
@@ -112,8 +109,7 @@ class PoolWorker:
     def __init__(self, scenario_json: str, run_dir: str | None) -> None:
         scenario = Scenario.model_validate_json(scenario_json)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
-        self.app = make_client_app(scenario, run_dir)
-        client_runtime(scenario.model_dump_json(), run_dir)  # warm: data and model now, not at the first call
+        self.app = make_client_app(scenario, run_dir, eager=True)  # warm: data and model now, not at the first call
 
     def where(self) -> tuple[int, str]:
         return os.getpid(), socket.gethostname()
@@ -375,7 +371,7 @@ class WorkerPool:
 
     def _client_app(self) -> ClientApp:
         if self._app is None:
-            self._app = make_client_app(self.scenario, self.run_dir)
+            self._app = make_client_app(self.scenario, self.run_dir, eager=True)
         return self._app
 
     def close(self) -> None:
@@ -409,46 +405,16 @@ def _local_gpus() -> float:
         return 0.0
 
 
-class PoolGrid(Grid):
-    """Flower's ``Grid`` over a :class:`WorkerPool` (the in-process grid's interface)."""
+class PoolGrid(LocalGrid):
+    """Flower's ``Grid`` over a :class:`WorkerPool`: each batch runs on the driver and the
+    warm workers together."""
 
     def __init__(self, pool: WorkerPool) -> None:
+        super().__init__(pool.contexts)  # the pool updates this dict as calls come back
         self.pool = pool
-        self._run = Run.create_empty(run_id=1)
-        self._replies: dict[str, Message] = {}
 
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.pool.contexts)
-
-    def partition_ids(self) -> dict[int, int]:
-        """node id -> partition id from the nodes' configs (no discovery round needed)."""
-        return {node: int(ctx.node_config["partition-id"]) for node, ctx in self.pool.contexts.items()}
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        msgs = list(messages)
-        for msg in msgs:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-        for reply in self.pool.run_batch(msgs):
-            self._replies[reply.metadata.reply_to_message_id] = reply
-        return [m.metadata.message_id for m in msgs]
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return list(self.pull_messages(self.push_messages(messages)))
+    def _run_batch(self, messages: list[Message]) -> Iterable[Message]:
+        return self.pool.run_batch(messages)
 
 
 def run_pool(

@@ -38,7 +38,7 @@ def run_inline(experiment: FederatedRun) -> None:
     """Clients run one after another in this process, each with a persistent Context
     (``runtime.vectorize``: a round's eligible clients at once, fedsim.engine.vectorized)."""
     sc = experiment.scenario
-    client_app = make_client_app(sc, str(experiment.run.path))
+    client_app = make_client_app(sc, str(experiment.run.path), eager=True)
     contexts = node_contexts(experiment.num_clients)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
     if sc.runtime.vectorize:  # cohorts trained at once (fedsim.engine.vectorized)

@@ -52,7 +52,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
-from uuid import uuid4
 
 import torch
 import torch.nn.functional as F
@@ -307,17 +306,15 @@ class VectorizedGrid(InlineGrid):
             self.fallbacks.append(reason)
             log.warning("runtime.vectorize: %s; those clients train one after another", reason)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        msgs = list(messages)
-        for msg in msgs:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as InlineGrid does
-        done = self._train_vectorized([m for m in msgs if m.metadata.message_type == MessageType.TRAIN])
-        for msg in msgs:
+    def _run_batch(self, messages: list[Message]) -> Iterable[Message]:
+        done = self._train_vectorized([m for m in messages if m.metadata.message_type == MessageType.TRAIN])
+        replies = []
+        for msg in messages:
             mid = msg.metadata.message_id
             reply = done.pop(mid) if mid in done else self._deliver(msg)
             if reply is not None:
-                self._replies[mid] = reply
-        return [m.metadata.message_id for m in msgs]
+                replies.append(reply)
+        return replies
 
     def _train_vectorized(self, train: list[Message]) -> dict[str, Message]:
         """Replies (by message id) of the train messages handled here; the others go through

@@ -423,22 +423,6 @@ def test_fedsim_app_on_flowers_simulation_runtime_matches_inline(toy_yaml, tmp_p
 FLOWER = ["runtime=ray", "runtime.engine=flower"]
 
 
-def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b) == 3
-    for ra, rb in zip(a, b):
-        assert ra["bytes_up"] == rb["bytes_up"] and ra["bytes_down"] == rb["bytes_down"]
-        assert ra["per_client"].keys() == rb["per_client"].keys()
-        assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=1e-6)
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
-        for d in ra["per_domain"]:
-            assert ra["per_domain"][d] == pytest.approx(rb["per_domain"][d], abs=1e-6)
-        sa, sb = ra["strategy_metrics"], rb["strategy_metrics"]
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            if not k.endswith("_s"):
-                assert sa[k] == pytest.approx(sb[k], rel=1e-4, abs=1e-6), k
-
-
 @pytest.mark.parametrize(
     "strategy",
     [
@@ -470,7 +454,7 @@ def test_flower_engine_runs_on_flowers_supported_path_and_agrees(toy_yaml, tmp_p
     assert any("(8 simulated SuperNodes)" in m for m in flower), flower[-30:]
     assert any("Constructed ActorPool with: 1 actors" in m for m in flower), flower[-30:]
     assert not any("Installing application dependencies" in m or "uv sync" in m for m in flower)
-    assert_same_metrics(metrics(tmp_path / "inline"), metrics(tmp_path / "flower"))
+    assert_agree(metrics(tmp_path / "inline"), metrics(tmp_path / "flower"))
 
 
 def test_flower_engine_falls_back_to_run_simulation_with_its_reason(toy_yaml, tmp_path, capfd):
@@ -491,7 +475,7 @@ def test_flower_engine_falls_back_to_run_simulation_with_its_reason(toy_yaml, tm
         "INFO: runtime ray: Flower's run_simulation (fallback), since runtime.cpus_per_client=0.5: Flower's "
         "federation config takes whole CPUs per client (client-resources-num-cpus is an integer)"
     ], err[-3000:]
-    assert_same_metrics(metrics(tmp_path / "inline"), metrics(tmp_path / "fb"))
+    assert_agree(metrics(tmp_path / "inline"), metrics(tmp_path / "fb"))
 
 
 def test_flower_engine_failure_is_one_line_and_leaves_nothing_running(tmp_path):
