@@ -221,9 +221,9 @@ class WorkerPool:
         rt = self.rt
         n = rt.workers
         if n is None and not rt.address:
+            # Ray is imported only after the sample, and only if workers are wanted: on a
+            # loaded machine its import (~1.5 s of CPU) would slow the driver's round 1.
             sample = CpuSample()
-            import ray  # noqa: F401 - heavy; while the sample runs (its CPU time is this process's own)
-
             self.stats.free_cores = sample.free_cores()
             n = local_workers(self.stats.free_cores, rt.cpus_per_client, self.driver_runs)
             if rt.gpus_per_client > 0:
