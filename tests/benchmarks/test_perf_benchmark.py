@@ -80,7 +80,7 @@ def test_write_doc_replaces_only_the_measured_block(tmp_path):
     rep = Report([Row("1. x", "1.01", "<= 1.10", "PASS")], ["detail"])
 
     class Args:
-        quick, only, device = True, "1", "cpu"
+        quick, only, device, reps = True, "1", "cpu", None
 
     write_doc(doc, markdown(rep, Args, "1 1 1", "2 2 2", 60.0))
     text = doc.read_text()
