@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -40,6 +42,28 @@ def write_scenario(path: Path, **updates) -> Path:
 @pytest.fixture
 def toy_yaml(tmp_path: Path) -> Path:
     return write_scenario(tmp_path / "toy.yaml")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def checkout_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment (plus ``extra``) with this checkout first on the path, for
+    a child Python that must import this checkout's fedsim."""
+    return {
+        **os.environ,
+        **(extra or {}),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def fedsim_process(*args: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen:
+    """``python -m fedsim.cli ARGS`` as a real child process (:func:`checkout_env` plus
+    ``env``); stdout and stderr are text pipes unless ``popen`` says otherwise."""
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    popen.setdefault("text", True)
+    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", *args], env=checkout_env(env), **popen)  # type: ignore[call-overload]
 
 
 @pytest.fixture(autouse=True)

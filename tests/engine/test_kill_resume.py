@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
-from conftest import write_scenario
+from conftest import fedsim_process, write_scenario
 
 
 def metrics(out):
@@ -19,10 +17,8 @@ def metrics(out):
     ]
 
 
-def fedsim(*args, **kw):
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedsim.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw
-    )
+def fedsim(*args: str) -> subprocess.Popen:
+    return fedsim_process(*args, stdout=subprocess.DEVNULL)
 
 
 def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
@@ -33,12 +29,11 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
         strategy={"name": "fedbn"},
         data={"clients_per_domain": 3, "options": {"train_per_domain": 600}},
     )
-    env = {**os.environ}
     ref = tmp_path / "ref"
-    assert fedsim("run", str(scenario), "--out", str(ref), env=env).wait(timeout=600) == 0
+    assert fedsim("run", str(scenario), "--out", str(ref)).wait(timeout=600) == 0
 
     out = tmp_path / "killed"
-    proc = fedsim("run", str(scenario), "--out", str(out), env=env)
+    proc = fedsim("run", str(scenario), "--out", str(out))
     ckpts = out / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not (ckpts / "round_00002" / "meta.json").exists():
@@ -52,9 +47,9 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
     # kill the resumed run too, at a random point (maybe inside a checkpoint write)
     import random
 
-    proc = fedsim("run", "--resume", str(out), env=env)
+    proc = fedsim("run", "--resume", str(out))
     time.sleep(random.Random().uniform(1.0, 4.0))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert fedsim("run", "--resume", str(out), env=env).wait(timeout=600) == 0
+    assert fedsim("run", "--resume", str(out)).wait(timeout=600) == 0
     assert metrics(out) == metrics(ref)

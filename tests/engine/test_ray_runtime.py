@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_TOKEN_ENV, describe, stop_pids, write_scenario
+from conftest import TEST_TOKEN_ENV, describe, fedsim_process, stop_pids, write_scenario
 
 import fedsim.api as fedsim_api
 from fedsim.cli import main
@@ -29,7 +29,6 @@ from fedsim.edge.processes import CONNECTION, LocalDeployment, processes_with_to
 from fedsim.scenario import load_scenario
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[2]
 # One Ray actor (all CPUs for one client) is enough to compare with the inline runtime, and
 # keeps processes and threads few on a loaded machine.
 ONE_ACTOR = f"runtime.cpus_per_client={os.cpu_count() or 1}"
@@ -195,20 +194,7 @@ def test_pool_worker_death_is_restarted_with_the_same_result(toy_yaml, tmp_path,
 def fedsim(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """``python -m fedsim.cli ARGS`` in its own session (so it has its own process group,
     as a shell job has), this checkout first on the path."""
-    env = {
-        **os.environ,
-        **(env or {}),
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "COLUMNS": "200",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedsim.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    return fedsim_process(*args, env={**(env or {}), "COLUMNS": "200"}, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:

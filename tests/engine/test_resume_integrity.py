@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,14 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_scenario
+from conftest import checkout_env, fedsim_process, write_scenario
 
 from fedsim.arrays import load_arrays, save_arrays
 from fedsim.cli import main
 from fedsim.engine.checkpoint import MANIFEST, load_strategy_state
 from fedsim.strategies.fedbn import FedBN
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def records(out: Path) -> list[dict]:
@@ -220,25 +217,13 @@ def test_metrics_line_that_is_not_a_record_is_reported(tmp_path, capsys, bad):
 
 
 def fedsim(*args: str) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedsim.cli", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    return fedsim_process(*args, env={"OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
 
 
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another real process holding the folder's lock through fedsim's own helper."""
     code = f"import sys, time; from pathlib import Path; from fedsim.runlock import lock_folder; lock_folder(Path({str(folder)!r})); print('held', flush=True); time.sleep(600)"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=checkout_env())
     assert proc.stdout.readline().strip() == "held"
     return proc
 
