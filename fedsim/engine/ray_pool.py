@@ -11,9 +11,10 @@ Method (issue #19, target 1: a parallel runtime that pays off from the first rou
   call retried (``ACTOR_RETRIES``): client training is seeded by (seed, round, client), so a
   retried call gives the same reply.
 - Start-up is hidden: measuring the free cores, ``import ray``, ``ray.init`` and the actors'
-  warm-up happen in a background thread, while the driver validates, discovers and starts
-  round 1. Meanwhile the driver runs client calls itself from the same queue (work stealing),
-  so no round waits for Ray; each worker joins the queue as soon as it is warm.
+  warm-up happen in a background thread, while the driver builds its own client runtime (as
+  the inline runtime does before round 1), discovers the nodes and starts round 1.
+  Meanwhile the driver runs client calls itself from the same queue (work stealing), so no
+  round waits for Ray; each worker joins the queue as soon as it is warm.
 - Each batch is queued longest first (training samples of the client), so the last call
   of a round is a short one and the lanes finish together.
 - The number of workers matches the cores other processes leave free (sampled from
@@ -237,8 +238,10 @@ class WorkerPool:
 
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         args = dict(self.init_args)
-        if not rt.address and n is not None:  # a private Ray: room for every requested worker
-            args["num_cpus"] = max(int(args.get("num_cpus", 1)), int(-(-n * rt.cpus_per_client // 1)))
+        if not rt.address and n is not None:
+            # a private Ray holds exactly the workers: Ray prestarts one idle worker process per
+            # CPU it is given (~0.5 s of CPU each), and the driver needs none
+            args["num_cpus"] = max(1, int(-(-n * rt.cpus_per_client // 1)))
         with self._cond:
             if self._closed:
                 return
@@ -357,7 +360,7 @@ class WorkerPool:
                 else:
                     self._cond.wait(POLL_S)
                     continue
-            reply, elapsed = call_client(self._client_app(), call.message, call.context)
+            reply, elapsed = call_client(self.client_app(), call.message, call.context)
             self._finish(call, reply, call.context, os.getpid(), elapsed)
         out = []
         for i, call in enumerate(calls_in_order(calls)):
@@ -369,7 +372,8 @@ class WorkerPool:
         self._results.clear()
         return out
 
-    def _client_app(self) -> ClientApp:
+    def client_app(self) -> ClientApp:
+        """The driver's own ClientApp, its client runtime built on first use."""
         if self._app is None:
             self._app = make_client_app(self.scenario, self.run_dir, eager=True)
         return self._app
@@ -426,6 +430,8 @@ def run_pool(
     pool = WorkerPool(experiment.scenario, str(experiment.run.path), contexts, init_args, actor_options)
     pool.start()
     try:
+        if pool.driver_runs:  # built before round 1, as the inline runtime does, while Ray starts
+            pool.client_app()
         experiment.drive(PoolGrid(pool))
         pool.finish()
     finally:

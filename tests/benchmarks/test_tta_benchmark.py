@@ -4,6 +4,7 @@ its teacher adapter, and the foundation settings it relies on (train_data, augme
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -190,3 +191,22 @@ def test_a_finished_experiment_stays_reusable_when_a_setting_with_a_default_is_a
     recorded["foundation"]["epochs"] += 1
     assert not tta.same_config(recorded, cfg)
     assert not tta.same_config({"adapters": 3}, cfg) and not tta.same_config(None, cfg)
+
+
+def test_a_retrained_source_model_voids_its_experiments_but_keeps_its_foundation(tmp_path):
+    """Raising the source model's rounds retrains it in the same folder: every experiment on
+    it runs again (no stale reuse by folder name), the other model's experiments and CEMA's
+    cached foundation (keyed by its settings, the data and the seed) are reused."""
+    work = tmp_path / "bench"
+    tta.run(tta.TINY, work, [0], "AC")
+    main_run = work / tta.source_scenario(tta.TINY, 0, tta.TINY.image_size)["name"]
+    foundations = sorted(p.name for p in (main_run / "foundation").glob("*.safetensors"))
+    assert foundations
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("adaptation_summary.json")}
+    out = tta.run(dataclasses.replace(tta.TINY, rounds=tta.TINY.rounds + 1), work, [0], "AC")
+    assert json.loads((main_run / "summary.json").read_text())["rounds"] == tta.TINY.rounds + 1
+    rerun = {p.parent.name for p, t in before.items() if p.stat().st_mtime_ns != t}
+    bs = tta.TINY.batch_sizes
+    assert rerun == {*(f"A-main-bs{b}" for b in bs), "C-teacher", "C-cema"}
+    assert out["per_seed"]["0"]["C"]["foundation"]["cached"] is True
+    assert sorted(p.name for p in (main_run / "foundation").glob("*.safetensors")) == foundations
