@@ -17,8 +17,6 @@ Method (issue #19, target 1: a parallel runtime that pays off from the first rou
   round waits for Ray; each worker joins the queue as soon as it is warm.
 - Each batch is queued longest first (training samples of the client), so the last call
   of a round is a short one and the lanes finish together.
-- A private Ray's processes (its daemons and the workers) run :data:`BACKGROUND_NICE`
-  nicer than the driver, so Ray's start-up does not slow the driver's own client calls.
 - The number of workers matches the cores other processes leave free (sampled from
   ``/proc/stat`` over :data:`LOAD_SAMPLE_S`, minus this process's own CPU time), less the
   one the driver uses: 2 idle cores give the driver + 1 worker; with another job holding
@@ -63,24 +61,6 @@ LOAD_SAMPLE_S = 1.0
 POLL_S = 0.2
 # How long closing waits for the start-up thread to shut Ray down (it may be inside ray.init).
 START_JOIN_S = 60.0
-
-
-# How much lower a private Ray's processes run than the driver (``ray.init`` forks them from
-# the start-up thread, whose niceness they inherit): Ray's start-up CPU then goes to the core
-# the driver leaves free instead of slowing the driver's round 1 on a small machine
-# (measured on 2 idle cores: round 1 6.5-7.4 s without, 5.6-5.7 s with; inline 5.2-5.3 s).
-BACKGROUND_NICE = 10
-
-
-def background_priority() -> None:
-    """Raise this thread's niceness by :data:`BACKGROUND_NICE` (at most 19). On Linux
-    niceness is per thread and inherited by the processes the thread starts; where that
-    is not supported nothing happens."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
-    except (AttributeError, OSError):
-        pass
 
 
 class PoolStartFailed(RuntimeError):
@@ -265,8 +245,6 @@ class WorkerPool:
         with self._cond:
             if self._closed:
                 return
-        if not rt.address and BACKGROUND_NICE:
-            background_priority()
         ray.init(**args)
         self._ray_up = True
         need = {"CPU": rt.cpus_per_client, "GPU": rt.gpus_per_client}
