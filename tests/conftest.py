@@ -16,6 +16,15 @@ import yaml
 
 from fedsim.edge.processes import processes_with_token
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background (`pytest ... &` in a script, nohup) inherits SIGINT
+    # ignored, and so would every child it starts: the Ctrl-C tests (tests/engine, tests/edge)
+    # need children that get SIGINT as a command typed in a terminal does.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 TOY = {
     "name": "toy",
     "seed": 0,
