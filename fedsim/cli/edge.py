@@ -22,7 +22,6 @@ from typing import Any
 
 from rich.table import Table
 
-from fedsim import __version__
 from fedsim.cli.common import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from fedsim.cli.common import console as make_console
 from fedsim.data.loading import num_clients
@@ -36,6 +35,7 @@ from fedsim.edge.processes import (
     LocalDeployment,
     TLSFiles,
 )
+from fedsim.flower_app import app_pyproject, write_app_folder
 from fedsim.outputs import (
     MARKER,
     UnsafeOutput,
@@ -49,37 +49,18 @@ from fedsim.scenario import load_scenario, open_run
 from fedsim.schema import ScenarioError
 from fedsim.tta.experiment import SUMMARY, print_table
 
-APP_PYPROJECT = """[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "fedsim-edge"
-version = "{version}"
-description = "fedsim's ServerApp (cloud) and ClientApp (edge) for Flower's deployment runtime"
-license = "Apache-2.0"
-dependencies = ["flwr"]
-
-[tool.flwr.app]
-publisher = "fedsim"
-
-[tool.flwr.app.components]
-serverapp = "fedsim.edge.apps:server_app"
-clientapp = "fedsim.edge.apps:client_app"
-
-[tool.flwr.app.config]
-scenario = ""
-run-dir = ""
-resume = false
-"""
+APP_PYPROJECT = app_pyproject(
+    "fedsim-edge",
+    "fedsim's ServerApp (cloud) and ClientApp (edge) for Flower's deployment runtime",
+    "fedsim.edge.apps",
+    {"scenario": "", "run-dir": "", "resume": False},
+    dependencies=["flwr"],
+)
 
 
 def write_app(folder: Path) -> Path:
     """A minimal Flower app folder whose components are fedsim's installed apps."""
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__))
-    return folder
+    return write_app_folder(folder, APP_PYPROJECT)
 
 
 class _Interrupted(Exception):

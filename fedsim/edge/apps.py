@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsim.data.loading import num_clients
 from fedsim.edge.profiles import write_device_report
 from fedsim.edge.protocol import EdgePlayer, edge_adapt, edge_split
-from fedsim.engine.client import client_runtime
+from fedsim.engine.client import client_runtime, serve_runtime
 from fedsim.results import RunFolder, plot_accuracy, summarize
 from fedsim.scenario import load_scenario, new_run, open_model_run, open_run
 from fedsim.schema import ScenarioError
@@ -62,14 +62,7 @@ def hello(msg: Message, context: Context) -> Message:
     return _runtime(context).hello(msg, context)
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    return _runtime(context).train(msg, context)
-
-
-@client_app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return _runtime(context).evaluate(msg, context)
+serve_runtime(client_app, _runtime, hello=False)  # hello above: it stores the scenario first
 
 
 @client_app.query("adapt")

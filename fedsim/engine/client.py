@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,6 +281,26 @@ def client_runtime(scenario_json: str, run_dir: str | None) -> ClientRuntime:
     return _RUNTIMES[key]
 
 
+def serve_runtime(app: ClientApp, runtime_of: Callable[[Context], ClientRuntime], hello: bool = True) -> None:
+    """Register ``app``'s train and evaluate handlers (and, with ``hello``, its discovery
+    query) on the :class:`ClientRuntime` that ``runtime_of(context)`` gives: every fedsim
+    ClientApp (in-process, Ray, Flower's simulation and deployment runtimes) trains this way."""
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return runtime_of(context).train(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return runtime_of(context).evaluate(msg, context)
+
+    if hello:
+
+        @app.query()
+        def query(msg: Message, context: Context) -> Message:
+            return runtime_of(context).hello(msg, context)
+
+
 def make_client_app(scenario: Scenario, run_dir: str | None, eager: bool = False) -> ClientApp:
     """Build the ClientApp for a scenario; ``run_dir`` holds client state between rounds.
 
@@ -292,24 +312,13 @@ def make_client_app(scenario: Scenario, run_dir: str | None, eager: bool = False
     if eager:
         client_runtime(scenario_json, run_dir)._optimizer()
     app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return client_runtime(scenario_json, run_dir).train(msg, context)
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return client_runtime(scenario_json, run_dir).evaluate(msg, context)
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return client_runtime(scenario_json, run_dir).hello(msg, context)
-
+    serve_runtime(app, lambda context: client_runtime(scenario_json, run_dir))
     return app
 
 
 __all__ = [
     "make_client_app",
+    "serve_runtime",
     "ClientRuntime",
     "TrainJob",
     "batch_indices",

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.arrays import atomic_write_bytes
 from fedsim.config import Scenario
-from fedsim.engine.client import client_runtime
+from fedsim.engine.client import client_runtime, serve_runtime
 from fedsim.engine.server import RunFailure
 from fedsim.results import RunFolder
 from fedsim.runlock import lock_holder
@@ -49,19 +49,7 @@ def _runtime(context: Context) -> Any:
     return client_runtime(_scenario_json(str(rc["scenario-json"])), str(rc["run-dir"]))
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    return _runtime(context).train(msg, context)
-
-
-@client_app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return _runtime(context).evaluate(msg, context)
-
-
-@client_app.query()
-def query(msg: Message, context: Context) -> Message:
-    return _runtime(context).hello(msg, context)
+serve_runtime(client_app, _runtime)
 
 
 def _flag(value: Any) -> bool:

@@ -50,44 +50,26 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from fedsim import __version__
 from fedsim.config import Scenario
 from fedsim.edge.processes import CONNECTION, DeploymentError, LocalDeployment
 from fedsim.engine.flower_simulation import flower_version
 from fedsim.engine.runtimes import RayRuntimeError, run_ray
 from fedsim.engine.server import FederatedRun, RunFailure
+from fedsim.flower_app import app_pyproject, write_app_folder
 from fedsim.superlink.reaper import start_watchdog, stop_family, stop_watchdog
 
 LOG = logging.getLogger("fedsim.runtime")
 FLOWER_LOG = logging.getLogger("flwr")
 
-APP_PYPROJECT = """[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "fedsim-simulation"
-version = "{version}"
-description = "fedsim's ServerApp and ClientApp for Flower's simulation runtime (fedsim run, runtime: ray)"
-license = "Apache-2.0"
 # None: the app runs in the environment fedsim is installed in (the SuperLink also runs with
 # --disable-runtime-dependency-installation, so Flower builds no environment per run).
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedsim"
-
-[tool.flwr.app.components]
-serverapp = "fedsim.superlink.app:server_app"
-clientapp = "fedsim.superlink.app:client_app"
-
-[tool.flwr.app.config]
-run-dir = ""
-scenario-json = ""
-resume = false
-owner-pid = 0
-outcome = ""
-"""
+APP_PYPROJECT = app_pyproject(
+    "fedsim-simulation",
+    "fedsim's ServerApp and ClientApp for Flower's simulation runtime (fedsim run, runtime: ray)",
+    "fedsim.superlink.app",
+    {"run-dir": "", "scenario-json": "", "resume": False, "owner-pid": 0, "outcome": ""},
+    dependencies=[],
+)
 
 # Flower's own lines about the federation fedsim configured anyway (its default size, how to
 # resize it) and the app install: not forwarded.
@@ -279,9 +261,7 @@ def run_on_superlink(experiment: FederatedRun) -> None:
     run = experiment.run
     # Short: Ray's unix socket paths live under it and must stay under 108 bytes.
     tmp = Path(tempfile.mkdtemp(prefix="fsl-", dir="/tmp" if os.path.isdir("/tmp") else None))
-    app = tmp / "app"
-    app.mkdir()
-    (app / "pyproject.toml").write_text(APP_PYPROJECT.format(version=__version__))
+    app = write_app_folder(tmp / "app", APP_PYPROJECT)
     scenario_json, outcome = tmp / "scenario.json", tmp / "outcome.json"
     scenario_json.write_text(experiment.scenario.model_dump_json())
     if experiment.resume:  # what drive() does first: the follower must not see rounds it drops

@@ -117,7 +117,7 @@ def test_federation_config_carries_clients_and_resources_as_flower_reads_them():
 
 
 def test_the_submitted_app_declares_no_dependencies_and_fedsims_components():
-    app = tomllib.loads(APP_PYPROJECT.format(version="0"))
+    app = tomllib.loads(APP_PYPROJECT)
     assert app["project"]["dependencies"] == []  # nothing for Flower to install
     components = app["tool"]["flwr"]["app"]["components"]
     assert isinstance(import_object(components["serverapp"]), ServerApp)
