@@ -40,6 +40,7 @@ FLOORS: list[tuple[int, tuple[str, ...]]] = [
             "fedsim.safe_yaml",
             "fedsim.runlock",
             "fedsim.outputs",
+            "fedsim.flower_app",
         ),
     ),
     (
