@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 from benchmarks._perf_bare import client_seed, local_train, score
 from fedsim.config import Scenario
 from fedsim.data.loading import ClientDataCache, num_clients
-from fedsim.engine.runtimes import ray_init_args
+from fedsim.engine.ray_start import ray_init_args
 from fedsim.models import build_model
 
 _CACHE: dict[str, tuple[ClientDataCache, torch.nn.Module, torch.device]] = {}

@@ -317,11 +317,12 @@ def target_parallel(rep: Report, reps: int) -> None:
         if later:
             rep.add(
                 Row(
-                    f"Pa. {cond}: round work from round 2 on (Ray started during round 1), ray (pool) / inline",
+                    f"Pa. {cond}: round work from round 2 on (workers warm), ray (pool) / inline",
                     f"{med(later):.3f}",
                     "reported",
                     "REPORTED",
-                    "what the pool gives once its workers are warm; round 1 also pays for starting Ray on the same cores",
+                    "what the pool gives once its workers are warm; round 1 shares the cores with Ray's start "
+                    "(begun when the `fedsim run` process starts) and the workers' imports",
                 )
             )
         rep.add(

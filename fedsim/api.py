@@ -48,7 +48,8 @@ from fedsim.runs import (
     round_line,
     train,
 )
-from fedsim.scenario import adaptation_from_raw, apply_overrides, build_scenario, read_yaml
+from fedsim.scenario import adaptation_from_raw, build_scenario
+from fedsim.scenario_file import apply_overrides, read_yaml
 from fedsim.schema import ScenarioError
 from fedsim.sweep import SweepSpec, parse_seeds, parse_sweep_args, run_sweep, spec_from_saved
 from fedsim.tta.experiment import JSONL as ADAPTATION_JSONL

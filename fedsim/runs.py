@@ -24,7 +24,8 @@ import yaml
 from fedsim.arrays import atomic_write_bytes
 from fedsim.config import Scenario
 from fedsim.edge.profiles import write_device_report
-from fedsim.engine.runtimes import RUNTIMES
+from fedsim.engine.ray_start import RayStart
+from fedsim.engine.runtimes import RUNTIMES, run_ray
 from fedsim.engine.server import FederatedRun, RunFailure
 from fedsim.outputs import MARKER, check_out_folder, create_folder, remove_owned
 from fedsim.results import RunFolder, describe, plot_accuracy, summarize
@@ -155,12 +156,15 @@ def open_resumed_run(folder: str | Path) -> OpenRun:
     return _open(run, scenario, True, False, str(run.scenario_file))
 
 
-def run_rounds(experiment: FederatedRun) -> None:
+def run_rounds(experiment: FederatedRun, prestarted: RayStart | None = None) -> None:
     """The scenario's runtime: ``ray`` with ``engine: flower`` goes through Flower's supported
-    simulation path or its fallback (:mod:`fedsim.superlink.run`); the others are engine runtimes."""
+    simulation path or its fallback (:mod:`fedsim.superlink.run`); the others are engine
+    runtimes (the pool on ``prestarted``: Ray started for it already, see :func:`train`)."""
     rt = experiment.scenario.runtime
     if rt.name == "ray" and rt.engine == "flower":
         run_flower(experiment)
+    elif rt.name == "ray":
+        run_ray(experiment, prestarted)
     else:
         RUNTIMES[rt.name](experiment)
 
@@ -174,9 +178,14 @@ class Trained:
     wall_s: float
 
 
-def train(job: OpenRun, on_round: Callable[[dict[str, Any]], None] | None = None) -> Trained:
+def train(
+    job: OpenRun, on_round: Callable[[dict[str, Any]], None] | None = None, prestarted: RayStart | None = None
+) -> Trained:
     """Run the rounds on the scenario's runtime (``on_round`` gets each metrics record),
-    feed the trackers, then write ``summary.json`` and ``accuracy.png``."""
+    feed the trackers, then write ``summary.json`` and ``accuracy.png``. ``prestarted``: Ray
+    already starting for the pool engine (``fedsim run`` starts it before its imports); it is
+    used if it was started for this scenario's runtime; its shutdown begins at the end of the
+    rounds, and its starter waits for it (:meth:`fedsim.engine.ray_start.RayStart.close`)."""
     run, scenario = job.run, job.scenario
     t0 = time.perf_counter()
     try:  # a resume continues at round done + 1: the trackers drop what they hold from there on
@@ -193,7 +202,7 @@ def train(job: OpenRun, on_round: Callable[[dict[str, Any]], None] | None = None
 
     job.experiment.on_round = on_round_tracked
     try:
-        run_rounds(job.experiment)
+        run_rounds(job.experiment, prestarted)
     except RunFailure:
         raise
     except KeyboardInterrupt:

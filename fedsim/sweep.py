@@ -21,7 +21,7 @@ of a separate ``fedsim run SCENARIO overrides... seed=S``.
 
 Values are split at top-level commas only: commas inside ``[...]``, ``{...}`` or quotes
 belong to one value (``data.domains=[mnist,svhn],[mnist,usps]`` is two values), and each
-value is parsed as a YAML scalar like any override (:func:`fedsim.config.parse_override`).
+value is parsed as a YAML scalar like any override (:func:`fedsim.scenario_file.parse_override`).
 ``seed=0,1,2`` is the same as ``seeds=[0, 1, 2]`` (the scenario seed drives the partition,
 the model's initialisation and the client sampling; an adaptation section's streams keep
 their own ``adaptation.stream.seeds``).
@@ -61,7 +61,8 @@ from fedsim.outputs import (
 from fedsim.report import pm, run_numbers, stats
 from fedsim.results import ADAPTATION_SUMMARY, RunFolder
 from fedsim.runlock import FolderLocked, lock_folder, unlock_folder
-from fedsim.scenario import load_scenario, parse_override
+from fedsim.scenario import load_scenario
+from fedsim.scenario_file import parse_override
 from fedsim.schema import ScenarioError, short_repr
 
 __all__ = [

@@ -54,6 +54,7 @@ FLOORS: list[tuple[int, tuple[str, ...]]] = [
             "fedsim.edge.config",
             "fedsim.tracking.config",
             "fedsim.models",
+            "fedsim.scenario_file",
         ),
     ),
     (2, ("fedsim.config",)),

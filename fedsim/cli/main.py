@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from fedsim import __version__
-from fedsim.cli.common import EXIT_OK, add_run_arguments
+from fedsim.cli.common import EXIT_OK, add_run_arguments, quiet_libraries
 
 
 def _command(parser: argparse.ArgumentParser, handler: str) -> None:
@@ -117,14 +117,24 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: 2 on bad usage, 0 on --help / --version
         return int(exc.code or 0)
     module, _, function = args.handler.partition(":")
-    # start-up: a command's module imports torch, Flower and Ray (seconds), so it is imported
-    # only when that command runs
-    handler: Any = getattr(importlib.import_module(f"fedsim.cli.{module}"), function)
+    # `fedsim run` on the Ray pool: Ray starts now, while the command imports (fedsim.cli.prestart)
+    args.ray_start = None
+    if args.handler == "run:cmd_run":
+        from fedsim.cli.prestart import prestart_ray
+
+        quiet_libraries()  # Ray reads its log settings from the environment when imported
+        args.ray_start = prestart_ray(args)
     try:
+        # start-up: a command's module imports torch, Flower and Ray (seconds), so it is
+        # imported only when that command runs
+        handler: Any = getattr(importlib.import_module(f"fedsim.cli.{module}"), function)
         return int(handler(args))
     except BrokenPipeError:  # output piped into e.g. `head`: not an error of ours
         sys.stderr.close()
         return EXIT_OK
+    finally:
+        if args.ray_start is not None:  # used and shut down by the run, or never used
+            args.ray_start.close()
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def _cmd_run(args: argparse.Namespace, held: list[OpenRun]) -> int:
     progress, on_round = _progress(out, scenario.rounds, job.done_rounds)
     try:
         with progress:
-            trained = train(job, on_round)
+            trained = train(job, on_round, getattr(args, "ray_start", None))
     except RunFailure as exc:
         error(exc)
         if os.environ.get("FEDSIM_DEBUG") and exc.__cause__ is not None:

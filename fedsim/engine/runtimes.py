@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
-from typing import Any
 
 from flwr.app import Context, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -16,7 +14,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsim.engine.client import client_runtime, make_client_app
 from fedsim.engine.flower_simulation import run_flower_simulation
 from fedsim.engine.grid import InlineGrid, StoppableGrid
-from fedsim.engine.ray_pool import PoolStartFailed, run_pool
+from fedsim.engine.ray_pool import run_pool
+from fedsim.engine.ray_start import ACTOR_RETRIES, PoolStartFailed, RayStart, ray_init_args
 from fedsim.engine.server import FederatedRun
 from fedsim.engine.vectorized import VectorizedGrid
 
@@ -57,32 +56,10 @@ def run_inline(experiment: FederatedRun) -> None:
 # aggregates well within this.
 RAY_STOP_WAIT_S = 60.0
 
-# Ray actor options Flower passes through ``client_resources`` (to ``ClientAppActor.options``):
-# a client actor whose process dies (e.g. cannot start a thread on a loaded machine) is
-# restarted and its call retried, instead of failing the round. A retried ClientApp call
-# gives the same reply: client training is seeded by (seed, round, client).
-ACTOR_RETRIES = {"max_restarts": 2, "max_task_retries": 2}
-
 
 class RayRuntimeError(RuntimeError):
     """Flower's simulation runtime on Ray failed (starting or joining Ray included);
     one line naming the root cause, instead of Flower's generic message."""
-
-
-def ray_init_args(address: str | None, cpus_per_client: float) -> dict[str, Any]:
-    """``ray.init`` arguments. Without ``address`` a private local Ray is started,
-    even when ``ray start`` left an address file or RAY_ADDRESS is set (``ray.init()``
-    would join that cluster and then refuse ``num_cpus``); with it, that cluster is
-    joined as it is (its resources are its own)."""
-    if address:
-        return {"address": address, "logging_level": logging.ERROR, "log_to_driver": True}
-    return {
-        "address": "local",
-        "num_cpus": max(int(os.cpu_count() or 1), int(cpus_per_client)),
-        "include_dashboard": False,
-        "logging_level": logging.ERROR,
-        "log_to_driver": True,
-    }
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -93,20 +70,16 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def run_ray(experiment: FederatedRun) -> None:
+def run_ray(experiment: FederatedRun, prestarted: RayStart | None = None) -> None:
     """``runtime: ray``: the engine ``runtime.engine`` names, on Ray (joins a cluster when
-    runtime.address is set): ``pool`` (:mod:`fedsim.engine.ray_pool`), or ``flower``
-    through ``run_simulation`` (what :mod:`fedsim.superlink.run` falls back to)."""
+    runtime.address is set): ``pool`` (:mod:`fedsim.engine.ray_pool`; on ``prestarted``
+    when Ray was started for it already), or ``flower`` through ``run_simulation`` (what
+    :mod:`fedsim.superlink.run` falls back to)."""
     rt = experiment.scenario.runtime
     if rt.engine == "flower":
         return run_ray_simulation(experiment)
     try:
-        run_pool(
-            experiment,
-            node_contexts(experiment.num_clients),
-            ray_init_args(rt.address, rt.cpus_per_client),
-            ACTOR_RETRIES,
-        )
+        run_pool(experiment, node_contexts(experiment.num_clients), prestarted)
     except PoolStartFailed as exc:
         raise RayRuntimeError(str(exc)) from exc
 

@@ -135,6 +135,33 @@ def test_pool_faults_and_timeouts_as_inline(toy_yaml, tmp_path, caplog):
     assert {"error", "no reply (timeout)", "non-finite values (NaN/Inf) in update"} <= reasons
     assert_agree(a, b)
     assert pool_calls(caplog)[0] == 1
+    # `fedsim run` started Ray before its imports, and the run used that Ray
+    assert any("(Ray started before the run)" in r.getMessage() for r in caplog.records)
+
+
+def test_pool_through_the_python_api_starts_its_own_ray_and_agrees(toy_yaml, tmp_path, caplog):
+    """``fedsim.api.run`` has no prestart: the pool starts Ray itself when the run starts,
+    and the results are the CLI's (prestarted Ray) to the last digit checked."""
+    caplog.set_level(logging.INFO, logger="fedsim.engine.ray_pool")
+    common = [*STRATEGIES["fedbn"], "runtime.num_threads=1", "runtime.name=ray", "runtime.workers=1"]
+    assert main(["run", str(toy_yaml), *common, "--out", str(tmp_path / "cli")]) == 0
+    result = fedsim_api.run(str(toy_yaml), common, out=tmp_path / "api")
+    lines = [r.getMessage() for r in caplog.records if POOL_LINE.search(r.getMessage())]
+    assert len(lines) == 2 and "(Ray started before the run)" in lines[0]
+    assert "(Ray started before the run)" not in lines[1] and " 1 workers" in lines[1]
+    assert_agree(metrics(tmp_path / "cli"), result.records)
+
+
+def test_bad_input_found_after_ray_was_prestarted_leaves_no_ray(toy_yaml, tmp_path, capsys):
+    """A scenario whose schema is valid (so `fedsim run` starts Ray before its imports) but
+    that the full validation rejects: the usual one-line error and exit 2, no run folder, and
+    the Ray started meanwhile is shut down before the command returns (conftest checks that
+    no Ray process is left)."""
+    pool = ["runtime.name=ray", "runtime.workers=1", "strategy.name=nosuch"]
+    assert main(["run", str(toy_yaml), *pool, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "strategy.name" in err[0], err
+    assert not (tmp_path / "run").exists()
 
 
 DYING = '''

@@ -7,7 +7,8 @@ from conftest import write_scenario
 
 from fedsim.config import ScenarioError
 from fedsim.data.loading import num_clients
-from fedsim.scenario import apply_overrides, load_scenario
+from fedsim.scenario import load_scenario
+from fedsim.scenario_file import apply_overrides
 
 
 def error_of(path, overrides=None) -> str:
