@@ -40,9 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from PIL import Image
-from scipy import ndimage
 
 Rng = np.random.Generator | np.random.RandomState
 CorruptionFn = Callable[[torch.Tensor, int, Rng], torch.Tensor]
@@ -137,6 +135,10 @@ def _gray(x: np.ndarray) -> np.ndarray:
 
 def _gaussian_blur(x: np.ndarray, sigma: float, mode: str = "nearest", truncate: float = 4.0) -> np.ndarray:
     """``skimage.filters.gaussian`` over H and W of a [B, H, W, C] batch (it is this scipy call)."""
+    # scipy and matplotlib (0.4 s) are imported where used: every `fedsim run` imports this
+    # module for the corruption names, most never corrupt an image
+    from scipy import ndimage
+
     if sigma <= 0:
         return x
     return ndimage.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode=mode, truncate=truncate)
@@ -276,6 +278,8 @@ def _gaussian_kernel_1d(ksize: int, sigma: float) -> np.ndarray:
 def _disk(radius: float, alias_blur: float) -> np.ndarray:
     """The original's ``disk``: a normalised disk, then ``cv2.GaussianBlur`` with a 3x3
     (5x5 for radius > 8) kernel of sigma alias_blur and reflect-101 borders."""
+    from scipy import ndimage  # here: see _gaussian_blur
+
     if radius <= 8:
         grid, ksize = np.arange(-8, 8 + 1), 3
     else:
@@ -295,6 +299,8 @@ def defocus_blur(x: np.ndarray, severity: int, rng: Rng) -> np.ndarray:
     (radius, alias sigma) = (.3,.4)/(.4,.5)/(.5,.6)/(1,.2)/(1.5,.1), both scaled by s.
     Deterministic (``rng`` unused).
     """
+    from scipy import ndimage  # here: see _gaussian_blur
+
     radius, alias = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1))[severity - 1]
     s = _scale(x)
     kernel = _disk(radius * s, alias * s)
@@ -479,6 +485,8 @@ def fog(x: np.ndarray, severity: int, rng: Rng) -> np.ndarray:
 @_register("brightness")
 def brightness(x: np.ndarray, severity: int, rng: Rng) -> np.ndarray:
     """Brightness: add .05/.1/.15/.2/.3 to V in HSV (clipped). Deterministic."""
+    from matplotlib.colors import hsv_to_rgb, rgb_to_hsv  # here: see _gaussian_blur
+
     c = (0.05, 0.1, 0.15, 0.2, 0.3)[severity - 1]
     if x.shape[-1] == 1:
         return x + c
@@ -554,6 +562,8 @@ def elastic_transform(x: np.ndarray, severity: int, rng: Rng) -> np.ndarray:
     severity by design (the original's severity 1 is a pure affine warp of the largest
     amplitude).
     """
+    from scipy import ndimage  # here: see _gaussian_blur
+
     size = min(x.shape[1], x.shape[2])
     alpha, sigma, affine = (
         (size * 0, size * 0, size * 0.08),
