@@ -38,7 +38,10 @@ def prestart_ray(args: argparse.Namespace) -> RayStart | None:
         return None
     if runtime.name != "ray" or runtime.engine != "pool":
         return None
-    return RayStart(runtime)
+    try:
+        return RayStart(runtime)
+    except RuntimeError:  # no thread could be started: the run's pool tries again and reports it
+        return None
 
 
 __all__ = ["prestart_ray"]
