@@ -159,9 +159,10 @@ def cli_run(args: dict[str, Any]) -> dict[str, Any]:
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            pool_lines.append(record.getMessage())
+            if record.getMessage().startswith("runtime ray (pool)"):
+                pool_lines.append(record.getMessage())
 
-    pool_log = logging.getLogger("fedsim.engine.ray_pool")
+    pool_log = logging.getLogger("fedsim.runtime")
     pool_log.setLevel(logging.INFO)
     pool_log.addHandler(Keep())
     with tempfile.TemporaryDirectory(prefix="fedsim-perf-cli-") as tmp:

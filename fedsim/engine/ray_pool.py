@@ -54,7 +54,9 @@ from fedsim.engine.grid import LocalGrid, call_client
 from fedsim.engine.ray_start import START_JOIN_S, PoolStartFailed, RayStart
 from fedsim.engine.server import FederatedRun
 
-log = logging.getLogger(__name__)
+# the run's account of the pool (workers, where the calls ran, the first worker's start):
+# `fedsim run` shows this logger's INFO lines on stderr (fedsim.cli.common.show_runtime_notes)
+log = logging.getLogger("fedsim.runtime")
 
 # A worker's feeder thread checks this often whether the pool is closing (Ctrl-C, end).
 POLL_S = 0.2
@@ -78,6 +80,13 @@ class PoolStats:
     ray_started_s: float | None = None  # from the start of the run until the first worker was warm
     prestarted: bool = False  # Ray was started before the run (by `fedsim run`, before its imports)
     calls: dict[int, int] = field(default_factory=dict)
+    # where the first worker's start went, in seconds: the Ray start began `start_lead_s`
+    # before the run's pool (0 unless prestarted); `ray.init` returned `ray_up_s` after the
+    # Ray start began; the worker then imported the client stack and built its client runtime
+    start_lead_s: float | None = None
+    ray_up_s: float | None = None
+    worker_import_s: float | None = None
+    worker_setup_s: float | None = None
 
     def line(self) -> str:
         driver = self.calls.get(os.getpid(), 0)
@@ -89,6 +98,17 @@ class PoolStats:
         return (
             f"runtime ray (pool): {self.workers} workers{free}{ready}; {total} client calls, "
             f"{driver} in the driver, {total - driver} in {max(0, len(self.calls) - (1 if driver else 0))} worker processes"
+            + self.start_account()
+        )
+
+    def start_account(self) -> str:
+        """Where the first warm worker's start went (empty when no worker was warm)."""
+        if self.ray_started_s is None or None in (self.start_lead_s, self.ray_up_s, self.worker_import_s):
+            return ""
+        return (
+            f"; its start: Ray began {self.start_lead_s:.1f} s before the run and was up "
+            f"{self.ray_up_s:.1f} s after it began, then the worker imported for {self.worker_import_s:.1f} s "
+            f"and built its client runtime in {self.worker_setup_s:.1f} s"
         )
 
 
@@ -156,9 +176,12 @@ class WorkerPool:
                 return
             for ref in ready:
                 actor = pending.pop(ref)
-                ray.get(ref)  # raises if the worker could not start or build its runtime
+                _, _, import_s, setup_s = ray.get(ref)  # raises if the worker could not start or build its runtime
                 if self.stats.ray_started_s is None:
                     self.stats.ray_started_s = time.monotonic() - self._t0
+                    self.stats.start_lead_s = max(0.0, self._t0 - self.ray.t0)
+                    self.stats.ray_up_s = self.ray.ray_up_s
+                    self.stats.worker_import_s, self.stats.worker_setup_s = import_s, setup_s
                 self.stats.workers_ready += 1
                 lane = threading.Thread(
                     target=self._serve, args=(actor, setup_ref), name="fedsim-pool-lane", daemon=True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 
@@ -22,14 +23,18 @@ class PoolWorker:
     :meth:`setup`."""
 
     def __init__(self) -> None:
+        t0 = time.perf_counter()
         import fedsim.engine.client  # noqa: F401 - the heavy imports, while the run is prepared
         import fedsim.engine.grid  # noqa: F401
 
+        self.import_s = time.perf_counter() - t0
         self.app: Any = None
 
-    def setup(self, scenario_json: str, run_dir: str | None) -> tuple[int, str]:
+    def setup(self, scenario_json: str, run_dir: str | None) -> tuple[int, str, float, float]:
         """Build the ClientApp and its runtime (data and model now, not at the first call);
-        returns where this worker runs (pid, host)."""
+        returns where this worker runs (pid, host) and how long its start took: the
+        constructor's imports and this build, in seconds."""
+        t0 = time.perf_counter()
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -39,7 +44,7 @@ class PoolWorker:
         scenario = Scenario.model_validate_json(scenario_json)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
         self.app = make_client_app(scenario, run_dir, eager=True)
-        return os.getpid(), socket.gethostname()
+        return os.getpid(), socket.gethostname(), self.import_s, time.perf_counter() - t0
 
     def run(self, msg: Any, context: Any, setup: tuple[str, str | None]) -> tuple[Any, Any, float, int]:
         """The ClientApp call on ``msg`` (a Flower ``Message``) for the node whose ``Context``

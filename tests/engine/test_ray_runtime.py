@@ -102,7 +102,7 @@ def assert_agree(a: list[dict], b: list[dict]) -> None:
     [pytest.param(name, "pool", id=f"{name}-pool") for name in STRATEGIES],
 )
 def test_ray_and_inline_agree(toy_yaml, tmp_path, strategy, engine, capfd, caplog):
-    caplog.set_level(logging.INFO, logger="fedsim.engine.ray_pool")
+    caplog.set_level(logging.INFO, logger="fedsim.runtime")
     common = [*STRATEGIES[strategy], "runtime.num_threads=1"]
     assert main(["run", str(toy_yaml), *common, "--out", str(tmp_path / "inline")]) == 0
     assert main(["run", str(toy_yaml), *common, *POOL_WORKERS, "--out", str(tmp_path / "ray")]) == 0
@@ -114,10 +114,10 @@ def test_ray_and_inline_agree(toy_yaml, tmp_path, strategy, engine, capfd, caplo
     assert_agree(metrics(tmp_path / "inline"), metrics(tmp_path / "ray"))
 
 
-def test_pool_faults_and_timeouts_as_inline(toy_yaml, tmp_path, caplog):
+def test_pool_faults_and_timeouts_as_inline(toy_yaml, tmp_path, caplog, capsys):
     """Injected failures, NaN replies and stragglers past the timeout on the pool's workers
     (and the driver) drop the same clients as on the inline runtime."""
-    caplog.set_level(logging.INFO, logger="fedsim.engine.ray_pool")
+    caplog.set_level(logging.INFO, logger="fedsim.runtime")
     faults = [
         "faults.failure_prob=0.2",
         "faults.nan_prob=0.2",
@@ -129,20 +129,32 @@ def test_pool_faults_and_timeouts_as_inline(toy_yaml, tmp_path, caplog):
     ]
     assert main(["run", str(toy_yaml), *faults, "--out", str(tmp_path / "inline")]) == 0
     pool = ["runtime.name=ray", "runtime.engine=pool", "runtime.workers=1", "runtime.cpus_per_client=1"]
+    capsys.readouterr()
     assert main(["run", str(toy_yaml), *faults, *pool, "--out", str(tmp_path / "pool")]) == 0
+    # the user sees the pool's account on stderr, one line
+    assert len([x for x in capsys.readouterr().err.splitlines() if x.startswith("INFO: runtime ray (pool): ")]) == 1
     a, b = metrics(tmp_path / "inline"), metrics(tmp_path / "pool")
     reasons = {f["reason"].split(":")[0] for r in a for f in r["failures"]}
     assert {"error", "no reply (timeout)", "non-finite values (NaN/Inf) in update"} <= reasons
     assert_agree(a, b)
     assert pool_calls(caplog)[0] == 1
-    # `fedsim run` started Ray before its imports, and the run used that Ray
-    assert any("(Ray started before the run)" in r.getMessage() for r in caplog.records)
+    # `fedsim run` started Ray before its imports, and the run used that Ray; the line
+    # accounts for the worker's start (Ray's start began before the run's pool did)
+    line = next(r.getMessage() for r in caplog.records if "(Ray started before the run)" in r.getMessage())
+    start = re.search(
+        r"its start: Ray began (\d+\.\d) s before the run and was up (\d+\.\d) s after it began, "
+        r"then the worker imported for (\d+\.\d) s and built its client runtime in (\d+\.\d) s",
+        line,
+    )
+    assert start is not None, line
+    lead, up, imported, built = map(float, start.groups())
+    assert lead >= 0 and up > 0 and imported > 0 and built >= 0
 
 
 def test_pool_through_the_python_api_starts_its_own_ray_and_agrees(toy_yaml, tmp_path, caplog):
     """``fedsim.api.run`` has no prestart: the pool starts Ray itself when the run starts,
     and the results are the CLI's (prestarted Ray) to the last digit checked."""
-    caplog.set_level(logging.INFO, logger="fedsim.engine.ray_pool")
+    caplog.set_level(logging.INFO, logger="fedsim.runtime")
     common = [*STRATEGIES["fedbn"], "runtime.num_threads=1", "runtime.name=ray", "runtime.workers=1"]
     assert main(["run", str(toy_yaml), *common, "--out", str(tmp_path / "cli")]) == 0
     result = fedsim_api.run(str(toy_yaml), common, out=tmp_path / "api")
@@ -197,7 +209,7 @@ def test_pool_worker_death_is_restarted_with_the_same_result(toy_yaml, tmp_path,
     """A worker process that dies in the middle of a client call is restarted by Ray and
     the call retried: the run ends as the inline run does, and the calls ran in two
     worker processes (the one that died and its replacement)."""
-    caplog.set_level(logging.INFO, logger="fedsim.engine.ray_pool")
+    caplog.set_level(logging.INFO, logger="fedsim.runtime")
     code = tmp_path / "code"
     code.mkdir()
     (code / "fedsim_test_dying.py").write_text(DYING)
