@@ -5,7 +5,7 @@ test-time-adaptation overhead, the default scenario end to end, GPU, torch.func 
 
 Every measurement runs in its own Python process (``benchmarks._perf_jobs``), so no cache,
 thread setting or Ray state leaks from one into the next. Ratios are taken between runs made
-side by side and interleaved (A B A B ...); the table reports medians over repetitions and
+side by side and interleaved (A B A B ...; target P: A B C, C B A, ...); the table reports medians over repetitions and
 the load average around each target, because the machine may be shared.
 
 Targets (ratio or value, limit):
@@ -233,10 +233,38 @@ PAR_RUNTIMES = {
     "inline": ["runtime=inline"],
     "pool": ["runtime={name: ray, engine: pool}"],
     "flower": ["runtime={name: ray, engine: flower}"],
+    # an A/A control: inline again, in its own process (never right after the first); inline2
+    # / inline is the machine's noise between two identical runs, next to which the ratios
+    # of the others are read
+    "inline2": ["runtime=inline"],
     # the pool with one worker whatever the load (idle only): what its parallelism gives
     # when the automatic count finds no free core on a machine other users keep busy
     "pool1": ["runtime={name: ray, engine: pool, workers: 1}"],
 }
+
+
+def busy_cores(window_s: float = 0.5) -> float:
+    """Cores the machine's processes keep busy over ``window_s`` (``/proc/stat``)."""
+    from fedsim.engine.ray_start import CpuSample
+
+    sample = CpuSample()
+    return sample.ncpu - sample.free_cores(window_s)
+
+
+def settle(baseline: float, timeout_s: float = 15.0) -> float:
+    """Wait until the machine is back to ``baseline`` busy cores (+0.3): a Ray run's processes
+    (its daemons, Flower's SuperLink) can outlive its driver by a few seconds, and would take
+    CPU from the next process. Returns the seconds waited (``timeout_s`` at most)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s and busy_cores() > baseline + 0.3:
+        pass
+    return time.monotonic() - t0
+
+
+def run_order(names: list[str], rep: int) -> list[str]:
+    """The runtimes of repetition ``rep``: in order, then reversed (A B C, C B A, ...), so that
+    no runtime always runs right after the same one (a Ray run's shutdown, the disk cache)."""
+    return names if rep % 2 == 0 else names[::-1]
 
 
 @contextmanager
@@ -271,10 +299,13 @@ def target_parallel(rep: Report, reps: int) -> None:
         res: dict[str, list[dict[str, Any]]] = {name: [] for name in PAR_RUNTIMES}
         with busy_core() if cond == "loaded" else nullcontext():
             before = load()
-            for _ in range(reps):
-                for name, ov in PAR_RUNTIMES.items():
-                    if name != "pool1" or cond == "idle":
-                        res[name].append(run_timed_cli([*PAR, *ov]))
+            baseline = busy_cores(1.0)
+            waited = []
+            names = [name for name in PAR_RUNTIMES if name != "pool1" or cond == "idle"]
+            for r in range(reps):
+                for name in run_order(names, r):
+                    waited.append(settle(baseline))
+                    res[name].append(run_timed_cli([*PAR, *PAR_RUNTIMES[name]]))
             after = load()
         inl, pool, flw = res["inline"], res["pool"], res["flower"]
         work = [p["round_work_s"] / i["round_work_s"] for p, i in zip(pool, inl)]
@@ -283,7 +314,7 @@ def target_parallel(rep: Report, reps: int) -> None:
         added_f = [f["startup_s"] - i["startup_s"] for f, i in zip(flw, inl)]
         e2e = [p["process_s"] / i["process_s"] for p, i in zip(pool, inl)]
         e2e_f = [f["process_s"] / i["process_s"] for f, i in zip(flw, inl)]
-        loads = f"load {before} -> {after}"
+        loads = f"load {before} -> {after}; each process started once the machine was back to {baseline:.1f} busy cores (+0.3; waited {min(waited):.1f}-{max(waited):.1f} s)"
         chosen = "; ".join(sorted({p["pool"].split(";")[0].replace("runtime ray (pool): ", "") for p in pool}))
         work_limit = (f"<= {limit:.3f}", med(work) <= limit) if cond == "idle" else ("<= 1.00", med(work) <= 1.0)
         rep.add(
@@ -348,6 +379,20 @@ def target_parallel(rep: Report, reps: int) -> None:
                     + " | ".join(r["pool"].replace("runtime ray (pool): ", "") for r in one),
                 )
             )
+        aa = res["inline2"]
+        aa_work = [b["round_work_s"] / a["round_work_s"] for a, b in zip(inl, aa)]
+        aa_e2e = [b["process_s"] / a["process_s"] for a, b in zip(inl, aa)]
+        rep.add(
+            Row(
+                f"P0. {cond}: A/A control, inline / inline (two identical processes): round work; end to end",
+                f"{med(aa_work):.3f}; {med(aa_e2e):.3f}",
+                "reported",
+                "REPORTED",
+                f"the noise next to which the P rows read: per pair {min(aa_work):.3f}-{max(aa_work):.3f} round work, "
+                f"{min(aa_e2e):.3f}-{max(aa_e2e):.3f} end to end; pool / inline per pair {min(work):.3f}-{max(work):.3f} "
+                f"and {min(e2e):.3f}-{max(e2e):.3f}",
+            )
+        )
         accs = {name: sorted({round(r["accuracy"], 6) for r in runs}) for name, runs in res.items()}
         rep.detail(
             f"Target P {cond} ({note}; {reps} reps, {loads}): round work s inline {fmt_list([r['round_work_s'] for r in inl], 1)}, "
