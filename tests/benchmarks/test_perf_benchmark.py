@@ -86,3 +86,17 @@ def test_write_doc_replaces_only_the_measured_block(tmp_path):
     text = doc.read_text()
     assert "prose before" in text and "prose after" in text and "old" not in text
     assert "| 1. x | 1.01 | <= 1.10 | PASS |  |" in text and "load average" in text
+
+
+def test_parallel_target_order_alternates_and_never_runs_the_a_a_pair_back_to_back():
+    """Target P's runtimes run A B C ..., then in reverse: every runtime follows different ones
+    across repetitions, and the A/A control (inline twice) is never run back to back."""
+    from benchmarks.perf import PAR_RUNTIMES, run_order
+
+    for names in (list(PAR_RUNTIMES), [n for n in PAR_RUNTIMES if n != "pool1"]):
+        seq = [name for rep in range(4) for name in run_order(names, rep)]
+        assert sorted(seq) == sorted(names * 4)
+        pairs = set(zip(seq, seq[1:]))
+        assert ("inline", "inline2") not in pairs and ("inline2", "inline") not in pairs
+        followers = {b for a, b in pairs if a == "flower"}
+        assert len(followers) >= 2  # a Ray run's aftermath does not always fall on the same runtime
