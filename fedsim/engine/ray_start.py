@@ -8,7 +8,8 @@ imports (torch, Flower, fedsim). :class:`RayStart` does all of it in one backgro
 1. samples the cores other processes leave free (:class:`CpuSample`, over
    :data:`LOAD_SAMPLE_S`) and decides how many workers (none on a loaded machine: then Ray
    is not even imported);
-2. imports Ray and starts a private one (or joins ``runtime.address``);
+2. imports Ray and starts a private one (or joins ``runtime.address``): a lean head by
+   default (:func:`lean_head`);
 3. creates the worker actors right away: each imports the client stack while the run is
    still being prepared (:class:`fedsim.engine.ray_worker.PoolWorker`); the pool sends each
    the scenario when its run starts;
@@ -26,6 +27,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fedsim.config import RuntimeConfig
@@ -60,6 +63,43 @@ def ray_init_args(address: str | None, cpus_per_client: float) -> dict[str, Any]
         "logging_level": logging.ERROR,
         "log_to_driver": True,
     }
+
+
+# Ray's head-node methods that ``lean_head`` skips: each starts a Python daemon that a
+# private, single-node, per-run Ray never uses (see RuntimeConfig.lean_head).
+LEAN_HEAD_SKIPS = ("start_monitor", "start_api_server")
+
+
+def _skip(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+@contextmanager
+def lean_head(enabled: bool = True) -> Iterator[list[str]]:
+    """While ``ray.init`` starts a private head node in this block, skip its autoscaler
+    monitor and its dashboard API server (``include_dashboard=False`` still starts the API
+    server, for job submission and the state API). Measured on 2 cores: ``ray.init`` 1.7 s
+    instead of 2.5 s, the Ray processes' CPU 2.6 s instead of 4.0 s. Ray's public API has no
+    switch for either (``ray start`` has ``--no-monitor`` only), so this replaces the two
+    methods of Ray's ``Node`` class for the duration of the block; a Ray without them is
+    started as it is. Yields the names of the methods skipped."""
+    skipped: list[str] = []
+    saved: dict[str, Any] = {}
+    if enabled:
+        try:
+            from ray._private.node import Node
+        except ImportError:  # another layout: start Ray as it is
+            Node = None  # noqa: N806
+        for name in LEAN_HEAD_SKIPS if Node is not None else ():
+            if callable(vars(Node).get(name)):
+                saved[name] = vars(Node)[name]
+                setattr(Node, name, _skip)
+                skipped.append(name)
+    try:
+        yield skipped
+    finally:
+        for name, method in saved.items():
+            setattr(Node, name, method)
 
 
 class CpuSample:
@@ -183,7 +223,8 @@ class RayStart:
         with self._cond:
             if self._closed:
                 return
-        ray.init(**args)
+        with lean_head(rt.lean_head and not rt.address):
+            ray.init(**args)
         self._ray_up = True
         self.ray_up_s = time.monotonic() - self.t0
         need = {"CPU": rt.cpus_per_client, "GPU": rt.gpus_per_client}
@@ -236,10 +277,12 @@ class RayStart:
 __all__ = [
     "ACTOR_RETRIES",
     "CpuSample",
+    "LEAN_HEAD_SKIPS",
     "LOAD_SAMPLE_S",
     "PoolStartFailed",
     "RayStart",
     "START_JOIN_S",
+    "lean_head",
     "local_workers",
     "ray_init_args",
 ]

@@ -65,6 +65,7 @@ from fedsim.engine.agc import agc_settings
 from fedsim.engine.client import ClientRuntime, TrainJob, batch_indices, hooks_from_config
 from fedsim.engine.grid import InlineGrid
 from fedsim.engine.hooks import ClientHooks
+from fedsim.engine.optim import ClientOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -109,57 +110,25 @@ def stacked_agc_(params: list[torch.Tensor], grads: list[torch.Tensor], clip: fl
         g.mul_(torch.where(over, max_norm / g_norm.clamp_min(1e-30), torch.ones_like(g_norm)))
 
 
-class CohortOptimizer:
+class CohortOptimizer(ClientOptimizer):
     """``torch.optim.SGD`` / ``torch.optim.Adam`` (as :meth:`ClientRuntime._optimizer` builds
-    them) over stacked parameters: the single-tensor update formulas, elementwise, so each
-    client slice is updated as its own optimizer would update it."""
-
-    def __init__(self, client: ClientConfig, params: list[torch.Tensor]) -> None:
-        self.c = client
-        self.params = params
-        self.buf: list[torch.Tensor | None] = [None] * len(params)
-        self.exp_avg = [torch.zeros_like(p) for p in params] if client.optimizer == "adam" else []
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params] if client.optimizer == "adam" else []
-        self.steps = 0
+    them) over stacked parameters: :class:`fedsim.engine.optim.ClientOptimizer`'s
+    single-tensor formulas are elementwise, so each client slice is updated as its own
+    optimizer would update it; clients whose training is over are held as they are."""
 
     @torch.no_grad()
-    def step(self, grads: list[torch.Tensor], ended: torch.Tensor | None = None) -> None:
+    def step(self, grads: list[torch.Tensor], ended: torch.Tensor | None = None) -> None:  # type: ignore[override]
         """One step of every client; ``ended`` (bool [K]): clients whose training is over,
         whose parameters and optimizer state are kept as they are."""
-        if ended is not None:
-            kept = [[t.clone() for t in self._state(i)] for i in range(len(self.params))]
-        self._step(grads)
-        if ended is not None:
-            for i, before in enumerate(kept):
-                for t, old in zip(self._state(i), before):
-                    t.copy_(torch.where(ended.view(-1, *([1] * (t.ndim - 1))), old, t))
-
-    def _state(self, i: int) -> list[torch.Tensor]:
-        extra = [self.exp_avg[i], self.exp_avg_sq[i]] if self.exp_avg else [b for b in (self.buf[i],) if b is not None]
-        return [self.params[i], *extra]
-
-    def _step(self, grads: list[torch.Tensor]) -> None:
-        c = self.c
-        self.steps += 1
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            if c.weight_decay != 0:
-                g = g.add(p, alpha=c.weight_decay)
-            if c.optimizer == "adam":
-                beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
-                self.exp_avg[i].lerp_(g, 1 - beta1)
-                self.exp_avg_sq[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                step_size = c.lr / (1 - beta1**self.steps)
-                denom = (self.exp_avg_sq[i].sqrt() / (1 - beta2**self.steps) ** 0.5).add_(eps)
-                p.addcdiv_(self.exp_avg[i], denom, value=-step_size)
-                continue
-            if c.momentum != 0:
-                buf = self.buf[i]
-                if buf is None:
-                    buf = self.buf[i] = torch.clone(g).detach()
-                else:
-                    buf.mul_(c.momentum).add_(g)
-                g = buf
-            p.add_(g, alpha=-c.lr)
+        if ended is None:
+            self.update(list(grads))
+            return
+        kept = [[t.clone() for t in self.tensors(i)] for i in range(len(self.params))]
+        self.update(list(grads))
+        for i, before in enumerate(kept):
+            # state created by this update (a first step) has nothing to restore: zip stops
+            for t, old in zip(self.tensors(i), before):
+                t.copy_(torch.where(ended.view(-1, *([1] * (t.ndim - 1))), old, t))
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -11,7 +11,7 @@ from conftest import checkout_env
 
 from fedsim.cli.main import build_parser
 from fedsim.cli.prestart import prestart_ray
-from fedsim.engine.ray_start import RayStart, local_workers
+from fedsim.engine.ray_start import LEAN_HEAD_SKIPS, RayStart, lean_head, local_workers
 from fedsim.scenario import load_scenario
 
 
@@ -22,6 +22,31 @@ def test_local_workers_leave_the_driver_its_core():
     assert local_workers(0.6, 1.0, driver_runs_clients=True) == 0
     assert local_workers(2.0, 1.0, driver_runs_clients=False) == 2
     assert local_workers(8.0, 2.0, driver_runs_clients=True) == 3
+
+
+def test_lean_head_skips_two_daemons_only_inside_its_block():
+    """The monitor and the dashboard's API server are skipped while the block runs (a
+    private Ray is started there), and Ray's own methods are back after it, an error
+    included; disabled, nothing is touched. (Started for real: test_ray_runtime.py.)"""
+    from ray._private.node import Node
+
+    def methods() -> dict:
+        return {name: vars(Node)[name] for name in LEAN_HEAD_SKIPS}
+
+    ray_own = methods()
+    with lean_head() as skipped:
+        assert skipped == list(LEAN_HEAD_SKIPS)
+        assert all(vars(Node)[name] is not ray_own[name] for name in skipped)
+        assert Node.start_monitor(object()) is None
+    assert methods() == ray_own
+    try:
+        with lean_head():
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert methods() == ray_own
+    with lean_head(False) as skipped:
+        assert skipped == [] and methods() == ray_own
 
 
 # -- `fedsim run` starts Ray before its imports (fedsim.cli.prestart) ------------------------

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_TOKEN_ENV, describe, fedsim_process, stop_pids, write_scenario
+from conftest import TEST_TOKEN_ENV, TOY, describe, fedsim_process, stop_pids, write_scenario
 
 import fedsim.api as fedsim_api
 from fedsim.cli import main
@@ -162,6 +162,34 @@ def test_pool_through_the_python_api_starts_its_own_ray_and_agrees(toy_yaml, tmp
     assert len(lines) == 2 and "(Ray started before the run)" in lines[0]
     assert "(Ray started before the run)" not in lines[1] and " 1 workers" in lines[1]
     assert_agree(metrics(tmp_path / "cli"), result.records)
+
+
+def test_the_pools_private_ray_has_a_lean_head_unless_told():
+    """By default the pool's private Ray runs without the autoscaler's monitor and the
+    dashboard's API server (``runtime.lean_head``; the agreement tests above run on it);
+    ``lean_head: false`` starts Ray's full head."""
+    import ray
+    from ray._private import ray_constants
+
+    from fedsim.config import RuntimeConfig, Scenario
+    from fedsim.engine.ray_start import RayStart
+
+    daemons = {ray_constants.PROCESS_TYPE_MONITOR, ray_constants.PROCESS_TYPE_DASHBOARD}
+    for lean in (True, False):
+        start = RayStart(RuntimeConfig(name="ray", workers=1, lean_head=lean))
+        try:
+            assert start.wait_started(120.0)
+            start.check()
+            assert start.workers == 1 and len(start.actors) == 1
+            running = set(ray._private.worker._global_node.all_processes)
+            assert ray_constants.PROCESS_TYPE_RAYLET in running
+            assert (running & daemons) == (set() if lean else daemons), running
+            # its worker serves: it builds its client runtime
+            toy = Scenario.model_validate(TOY).model_dump_json()
+            assert isinstance(ray.get(start.actors[0].setup.remote(toy, None))[0], int)
+        finally:
+            start.close()
+        assert not ray.is_initialized()
 
 
 def test_bad_input_found_after_ray_was_prestarted_leaves_no_ray(toy_yaml, tmp_path, capsys):
