@@ -60,16 +60,18 @@ class RuntimeConfig(Section):
     address: str | None = None
     # pool engine, private local Ray (no ``address``): start Ray's head without the two
     # Python daemons a per-run Ray never uses, the autoscaler's monitor (one node, fixed
-    # CPUs) and the dashboard's API server (job submission, state API): about 1.4 s less CPU
-    # at start (fedsim.engine.ray_start.lean_head). False: Ray's full head (Ray's default).
+    # CPUs) and the dashboard's API server (job submission, state API): ray.init 1.7 s
+    # instead of 2.7 s here, about 1 s less CPU (fedsim.engine.ray_start.lean_head;
+    # benchmarks.process_costs). False: Ray's full head (Ray's default).
     lean_head: bool = True
     # One torch thread per client process by default: on a busy 2-core machine two threads
     # per process ran ~35x slower (spin-waiting), and equal thread counts keep the inline
     # and Ray runtimes bit-identical. Raise it for big models on an idle machine.
     num_threads: int = Field(1, ge=1, le=1024, description="torch threads per client process")
     # Every process that trains clients fixes glibc's mmap and trim thresholds, so memory a
-    # training step frees is reused by the next instead of being faulted in again (about 20%
-    # of a CPU client fit here; fedsim.engine.malloc). False: glibc's defaults.
+    # training step frees is reused by the next instead of being faulted in again (8-21% of a
+    # CPU client fit here: benchmarks.process_costs; fedsim.engine.malloc). False: glibc's
+    # defaults.
     keep_freed_memory: bool = True
     # Opt-in, inline only: train each round's eligible clients at once with torch.func
     # (vmap over stacked parameters; fedsim.engine.vectorized, which says who is eligible).

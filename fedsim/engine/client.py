@@ -315,7 +315,7 @@ def make_client_app(scenario: Scenario, run_dir: str | None, eager: bool = False
 
     ``eager``: build this process's :class:`ClientRuntime` now, for runtimes that time each
     call in this process (``faults.client_timeout_s``): its one-time setup (data, model and,
-    on an accelerator, torch's first optimizer importing torch._dynamo, about 1.5 s) must not
+    on an accelerator, torch's first optimizer importing torch._dynamo, 1.3 s here) must not
     count against the first client called. Elsewhere it is built on the first call, where the
     data is needed."""
     scenario_json = scenario.model_dump_json()

@@ -5,10 +5,13 @@ Why: glibc serves an allocation above its mmap threshold (128 KiB at start, rais
 chunks are freed, at most 32 MiB) with a fresh ``mmap``, and trims the free top of its heap
 above twice that threshold. A client's local training allocates and frees activations and
 gradients of a few MiB every step, so with glibc's defaults much of that memory went back to
-the kernel after each step and was faulted in again, page by page, at the next: one client fit
-of the default scenario (600 samples, ``cnn-small``, 1 torch thread) took 55,800 minor page
-faults and 0.456 s, against 1,200 faults and 0.361 s with the thresholds fixed below (mean of
-20 fits, 2026-12-01, this project's 2-core AMD EPYC machine), at the same peak RSS (700 MiB).
+the kernel after each step and was faulted in again, page by page, at the next. With the
+thresholds fixed below, a client fit of the default scenario (600 samples, ``cnn-small``, 1
+torch thread) takes 0.79-0.92 of the time it takes with glibc's defaults, and 850-1,760
+minor page faults instead of 21,000-57,000, at the same peak RSS (about 705 MiB):
+``python -m benchmarks.process_costs`` (medians of 3 fresh processes each, 10 and 20 fits per
+process; how many faults the defaults cause depends on the heap's history), 2026-12-01, this
+project's 2-core AMD EPYC machine.
 Every runtime trains through :class:`fedsim.engine.client.ClientRuntime`, which calls
 :func:`keep_freed_memory` (``runtime.keep_freed_memory: false`` leaves glibc's defaults).
 

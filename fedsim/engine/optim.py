@@ -4,8 +4,9 @@ single-tensor updates, in fedsim's own code.
 Why: on CPU, torch.optim runs exactly these formulas (its foreach and fused kernels are for
 accelerators: ``torch.optim.optimizer._default_to_fused_or_foreach``), but a process's first
 ``torch.optim`` optimizer imports ``torch._dynamo`` for its compile guards
-(``torch._disable_dynamo`` on ``add_param_group``, ``graph_break`` in ``step``): about 1.5 s of
-CPU (sympy, torch.distributed, ...) in every process that trains a client. fedsim never
+(``torch._disable_dynamo`` on ``add_param_group``, ``graph_break`` in ``step``): 1.3 s here
+(``python -m benchmarks.process_costs``; sympy, torch.distributed, ...) in every process
+that trains a client. fedsim never
 compiles the client step, so the inline runtime, each pool worker and each Flower client
 actor paid it for nothing; on a 2-core machine it lands in the parallel runtime's first round
 (issue #19). Each update below is torch's, operation for operation (the same bits:

@@ -78,8 +78,9 @@ def _skip(*_args: Any, **_kwargs: Any) -> None:
 def lean_head(enabled: bool = True) -> Iterator[list[str]]:
     """While ``ray.init`` starts a private head node in this block, skip its autoscaler
     monitor and its dashboard API server (``include_dashboard=False`` still starts the API
-    server, for job submission and the state API). Measured on 2 cores: ``ray.init`` 1.7 s
-    instead of 2.5 s, the Ray processes' CPU 2.6 s instead of 4.0 s. Ray's public API has no
+    server, for job submission and the state API). ``python -m benchmarks.process_costs`` on
+    2 cores: ``ray.init`` 1.7 s instead of 2.7 s, the Ray processes' CPU 2.5 s instead of
+    3.4-3.5 s in their first 5 s. Ray's public API has no
     switch for either (``ray start`` has ``--no-monitor`` only), so this replaces the two
     methods of Ray's ``Node`` class for the duration of the block; a Ray without them is
     started as it is. Yields the names of the methods skipped."""

@@ -100,3 +100,19 @@ def test_parallel_target_order_alternates_and_never_runs_the_a_a_pair_back_to_ba
         assert ("inline", "inline2") not in pairs and ("inline2", "inline") not in pairs
         followers = {b for a, b in pairs if a == "flower"}
         assert len(followers) >= 2  # a Ray run's aftermath does not always fall on the same runtime
+
+
+@pytest.mark.ray
+def test_process_costs_benchmark_prints_each_measurement_before_and_after(capsys):
+    """benchmarks.process_costs runs end to end (1 process per variant, 2 fits): five rows,
+    each with both numbers and their ratio; the optimizer row says which side imported
+    torch._dynamo."""
+    from benchmarks.process_costs import main as process_costs
+
+    assert process_costs(["--reps", "1", "--fits", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 6, rows  # the header and five measurements
+    for row in rows[1:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(float(x) >= 0 for x in cells[1:4]), row
+    assert "torch._dynamo imported: True vs False" in rows[1]

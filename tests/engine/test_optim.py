@@ -4,7 +4,7 @@ bit for bit, without torch._dynamo's import.
 Each update is checked against ``torch.optim`` on a small model over several steps (the
 same bits in parameters and optimizer state, a parameter without a gradient skipped), and a
 fresh process that trains clients on CPU through ``fedsim run`` is checked not to import
-``torch._dynamo`` (the 1.5 s per process this module exists to save)."""
+``torch._dynamo`` (the 1.3 s per process this module exists to save)."""
 
 from __future__ import annotations
 
