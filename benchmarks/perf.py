@@ -79,6 +79,9 @@ class Report:
     details: list[str] = field(default_factory=list)
 
     def add(self, row: Row) -> None:
+        # a '|' in a cell would split the markdown row, and a later partial run could not
+        # read the row back (keep_previous) and would drop it
+        row = Row(*(cell.replace("|", "/") for cell in (row.target, row.measured, row.limit, row.status, row.notes)))
         self.rows.append(row)
         print(f"  -> {row.target}: {row.measured} (limit {row.limit}) {row.status}", flush=True)
 
@@ -376,7 +379,7 @@ def target_parallel(rep: Report, reps: int) -> None:
                     "reported",
                     "REPORTED",
                     "the driver and one worker whatever the load; "
-                    + " | ".join(r["pool"].replace("runtime ray (pool): ", "") for r in one),
+                    + " / ".join(r["pool"].replace("runtime ray (pool): ", "") for r in one),
                 )
             )
         aa = res["inline2"]

@@ -88,6 +88,27 @@ def test_write_doc_replaces_only_the_measured_block(tmp_path):
     assert "| 1. x | 1.01 | <= 1.10 | PASS |  |" in text and "load average" in text
 
 
+def test_a_partial_run_keeps_rows_of_other_targets_even_with_a_pipe_in_a_note(tmp_path):
+    """Rows are read back from the doc by a later run that measures other targets: a '|'
+    in a note (the pool's log lines joined) must not make that row unreadable and lost."""
+    from benchmarks.perf import keep_previous
+
+    doc = tmp_path / "performance.md"
+    doc.write_text("<!-- perf:begin -->\nold\n<!-- perf:end -->\n")
+
+    class Args:
+        quick, only, device, reps = False, "P", "cpu", None
+
+    first = Report()
+    first.add(Row("Pc. idle: forced", "0.7", "reported", "REPORTED", "one | two"))
+    write_doc(doc, markdown(first, Args, "1 1 1", "1 1 1", 60.0))
+    second = Report()
+    second.add(Row("1. x", "1.01", "<= 1.10", "PASS"))
+    keep_previous(doc, second, {"1"})
+    assert [r.target for r in second.rows] == ["1. x", "Pc. idle: forced"]
+    assert second.rows[1].notes.startswith("one / two")
+
+
 def test_parallel_target_order_alternates_and_never_runs_the_a_a_pair_back_to_back():
     """Target P's runtimes run A B C ..., then in reverse: every runtime follows different ones
     across repetitions, and the A/A control (inline twice) is never run back to back."""
